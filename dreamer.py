@@ -1,0 +1,356 @@
+"""DreamerV3 on DeepMind Control: the agent and the training loop.
+
+    python dreamer.py --configs dmc_proprio --task dmc_walker_walk
+    python dreamer.py --configs dmc_vision --task dmc_cartpole_swingup
+    python dreamer.py --configs small --task dmc_cartpole_balance
+    python dreamer.py --eval_only True --checkpoint logdir/RUN/latest.pt
+
+The loop: prefill the replay with random actions, then alternate acting in
+``envs`` environments with gradient updates so that on average
+``train_ratio`` replayed steps are trained on per agent step; evaluate every
+``eval_every`` env steps, log every ``log_every``, checkpoint every
+``checkpoint_every`` to ``latest.pt`` (atomic). Re-running the same command
+resumes from ``latest.pt`` and the episodes on disk.
+"""
+
+import functools
+import json
+import pathlib
+import sys
+import time
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+import exploration
+import models
+import tools
+from envs import dmc, wrappers
+
+
+class Dreamer(nn.Module):
+    """World model + task actor-critic (+ optional exploration behaviour)."""
+
+    def __init__(self, obs_space, act_space, config):
+        super().__init__()
+        self.config = config
+        shapes = {key: tuple(space.shape) for key, space in obs_space.spaces.items() if key in ("state", "image")}
+        self.discrete = isinstance(act_space, gym.spaces.Discrete)
+        self.action_dim = int(act_space.n) if self.discrete else int(act_space.shape[0])
+        self.wm = models.WorldModel(shapes, self.action_dim, config)
+        self.task_behavior = models.ImagBehavior(config, self.wm, self.action_dim, self.discrete)
+        self.expl_behavior = {
+            "greedy": None,
+            "random": lambda: exploration.Random(self.action_dim, self.discrete),
+            "plan2explore": lambda: exploration.Plan2Explore(config, self.wm, self.action_dim, self.discrete),
+        }[config.expl_behavior]
+        self.expl_behavior = self.expl_behavior() if self.expl_behavior else None
+
+    @torch.no_grad()
+    def policy(self, obs, state, mode, explore=False):
+        """obs: dict of (N, ...) arrays; state: (latent, previous action) or None.
+        mode: 'train' samples actions, 'eval' takes the mode. Returns (actions (N, A), state)."""
+        data = self.wm.preprocess({k: v for k, v in obs.items() if k in ("state", "image", "is_first")})
+        batch = data["is_first"].shape[0]
+        if state is None:
+            state = (self.wm.dynamics.initial(batch), torch.zeros(batch, self.action_dim, device=data["is_first"].device))
+        latent, action = state
+        with tools.autocast(self.config.precision, self.config.device):
+            embed = self.wm.encoder(data)
+            latent = self.wm.dynamics.obs_step(latent, action, embed, data["is_first"])
+            feat = self.wm.dynamics.feat(latent)
+            actor = self.expl_behavior.actor if explore and self.expl_behavior else self.task_behavior.actor
+            dist = actor(feat)
+            action = (dist.sample() if mode == "train" else dist.mode()).float()
+        action = action.clamp(-1, 1)
+        return action.cpu().numpy(), (latent, action)
+
+    def train_step(self, batch):
+        """One update of the world model, the task actor-critic and the exploration behaviour."""
+        data = self.wm.preprocess(batch)
+        post, metrics = self.wm.train_step(data)
+        start = {key: value.detach() for key, value in post.items()}
+        metrics.update(self.task_behavior.train_step(start, self.task_objective))
+        if self.expl_behavior is not None:
+            metrics.update(self.expl_behavior.train_step(start, post, data))
+        return metrics
+
+    def task_objective(self, feats, actions):
+        """Extrinsic reward of imagined steps: feats (H+1, N, F) -> (H, N)."""
+        return self.wm.reward(feats[1:]).mode()
+
+    def optimizers(self):
+        """Every tools.Optimizer inside the agent, keyed by module path."""
+        found = {}
+        for path, module in self.named_modules():
+            for name, value in vars(module).items():
+                if isinstance(value, tools.Optimizer):
+                    found[f"{path}.{name}"] = value
+        return found
+
+
+# ----------------------------------------------------------------- environments
+
+
+def make_env(config, mode, index):
+    """One wrapped DMC env; eval envs get seeds disjoint from train envs."""
+    seed = config.seed * 1000 + index + (500 if mode == "eval" else 0)
+    env = dmc.DeepMindControl(config.task.split("_", 1)[1], config.action_repeat, config.size,
+                              config.camera, seed, config.pixels)
+    env = wrappers.NormalizeActions(env)
+    env = wrappers.TimeLimit(env, config.time_limit // config.action_repeat)
+    return wrappers.UUID(env)
+
+
+def make_envs(config, mode, count):
+    if config.parallel:
+        return [wrappers.Parallel(functools.partial(make_env, config, mode, i)) for i in range(count)]
+    return [wrappers.InProcess(make_env(config, mode, i)) for i in range(count)]
+
+
+def close_envs(envs):
+    for env in envs:
+        if isinstance(env, wrappers.Parallel):
+            env.close()
+
+
+# ----------------------------------------------------------------- training run
+
+
+class Run:
+    """State and phases of one training run (prefill, train, eval, checkpoint)."""
+
+    def __init__(self, config, logdir):
+        self.config, self.logdir = config, pathlib.Path(logdir)
+        self.agent_step = 0  # agent steps collected, prefill included, all envs summed
+        self.updates = 0
+        self.replay = tools.Replay(self.logdir / "train_eps", config.dataset_size, config.seed).load()
+        self.train_envs = make_envs(config, "train", config.envs)
+        self.eval_envs = make_envs(config, "eval", max(1, min(config.envs, config.eval_episode_num)))
+        space = self.train_envs[0]
+        self.agent = Dreamer(space.observation_space, space.action_space, config).to(config.device)
+        self.random = exploration.Random(self.agent.action_dim, self.agent.discrete)
+        self.checkpoint_path = self.logdir / "latest.pt"
+        self.restored_eval = None
+        if self.checkpoint_path.exists():
+            self.restore(tools.load_checkpoint(self.checkpoint_path, config.device))
+        self.logger = tools.Logger(self.logdir, self.env_step)
+        self.metrics, self.episode_stats = {}, []
+        self.driver = tools.Driver(self.train_envs, self.replay)
+        self.last = {"log": self.env_step, "eval": self.restored_eval, "ckpt": self.env_step, "time": time.time(),
+                     "log_step": self.env_step, "log_updates": self.updates}
+
+    @property
+    def env_step(self):
+        return self.agent_step * self.config.action_repeat
+
+    @property
+    def total_agent_steps(self):
+        return self.config.steps // self.config.action_repeat
+
+    # -- checkpoints
+
+    def checkpoint_payload(self):
+        return {"agent": self.agent.state_dict(),
+                "optimizers": {k: v.state_dict() for k, v in self.agent.optimizers().items()},
+                "agent_step": self.agent_step, "updates": self.updates, "last_eval": self.last["eval"],
+                "rng": tools.rng_states(),
+                "replay_rng": self.replay.rng.bit_generator.state, "config": self.config.to_dict()}
+
+    def restore(self, payload):
+        self.agent.load_state_dict(payload["agent"])
+        for name, opt in self.agent.optimizers().items():
+            opt.load_state_dict(payload["optimizers"][name])
+        self.agent_step, self.updates = payload["agent_step"], payload["updates"]
+        self.restored_eval = payload["last_eval"]
+        tools.set_rng_states(payload["rng"])
+        self.replay.rng.bit_generator.state = payload["replay_rng"]
+        print(f"Resumed from {self.checkpoint_path} at env step {self.env_step} ({self.updates} updates, "
+              f"{self.replay.num_episodes} episodes on disk).", flush=True)
+
+    def save(self):
+        tools.save_checkpoint(self.checkpoint_path, self.checkpoint_payload())
+        self.last["ckpt"] = self.env_step
+
+    # -- phases
+
+    def prefill(self):
+        missing = self.config.prefill - self.agent_step
+        if missing <= 0:
+            return
+        print(f"Prefill: {missing} random agent steps.", flush=True)
+        progress = tools.Progress("prefill", self.config.prefill, self.agent_step, self.config.action_repeat)
+
+        def random_policy(obs, state):
+            feat = torch.zeros(len(obs["is_first"]), 1)
+            return self.random.actor(feat).sample().numpy(), None
+
+        def on_step(count):
+            self.agent_step += count
+            progress.update(count)
+
+        self.driver.run(random_policy, steps=missing, on_step=on_step, on_episode=self.on_train_episode)
+        self.driver.state = None
+        progress.close()
+
+    def train(self):
+        cfg = self.config
+        progress = tools.Progress("train", self.total_agent_steps, self.agent_step, cfg.action_repeat)
+        progress.mark_updates(self.updates)
+
+        def policy(obs, state):
+            explore = self.agent_step < cfg.expl_until // cfg.action_repeat
+            return self.agent.policy(obs, state, "train", explore)
+
+        def on_step(count):
+            self.agent_step += count
+            self.train_due_updates()
+            progress.update(count, self.updates)
+            self.maybe_log_and_save()
+
+        while self.agent_step < self.total_agent_steps:
+            if self.last["eval"] is None or self.env_step - self.last["eval"] >= cfg.eval_every:
+                self.evaluate()
+            chunk = min(cfg.eval_every // cfg.action_repeat, self.total_agent_steps - self.agent_step)
+            self.driver.run(policy, steps=max(chunk, 1), on_step=on_step, on_episode=self.on_train_episode)
+        progress.close()
+        if self.last["eval"] != self.env_step:
+            self.evaluate()
+        self.save()
+
+    def train_due_updates(self):
+        """Run the updates that keep replayed/collected steps at ``train_ratio``."""
+        cfg = self.config
+        trained = max(0, self.agent_step - cfg.prefill) * cfg.train_ratio
+        due = int(trained // (cfg.batch_size * cfg.batch_length)) - self.updates
+        for _ in range(due):
+            batch = self.replay.sample(cfg.batch_size, cfg.batch_length)
+            for key, value in self.agent.train_step(batch).items():
+                self.metrics.setdefault(key, []).append(value)
+            self.updates += 1
+
+    def on_train_episode(self, episode_return, length, episode):
+        self.episode_stats.append((episode_return, length))
+
+    def maybe_log_and_save(self):
+        cfg = self.config
+        if self.env_step - self.last["log"] >= cfg.log_every:
+            self.log_training()
+        if self.env_step - self.last["ckpt"] >= cfg.checkpoint_every:
+            self.save()
+
+    def log_training(self):
+        now = time.time()
+        elapsed = max(now - self.last["time"], 1e-6)
+        log = self.logger
+        for key, values in self.metrics.items():
+            log.scalar(key, torch.stack([torch.as_tensor(v).float() for v in values]).mean().item())
+        if self.episode_stats:
+            returns, lengths = zip(*self.episode_stats)
+            log.scalar("train_return", np.mean(returns))
+            log.scalar("train_length", np.mean(lengths))
+        log.scalar("fps", (self.env_step - self.last["log_step"]) / elapsed)
+        log.scalar("update_rate", (self.updates - self.last["log_updates"]) / elapsed)
+        log.scalar("updates", self.updates)
+        log.scalar("replay_steps", self.replay.num_steps)
+        if cfg_pixels(self.config) and self.config.video_pred_log and self.replay.num_episodes:
+            batch = self.agent.wm.preprocess(self.replay.sample(6, self.config.batch_length))
+            log.video("train_openl", self.agent.wm.video_pred(batch))
+        log.write(self.env_step, console=False)
+        self.metrics, self.episode_stats = {}, []
+        self.last.update(log=self.env_step, time=now, log_step=self.env_step, log_updates=self.updates)
+
+    def evaluate(self):
+        returns, video = evaluate(self.agent, self.eval_envs, self.config.eval_episode_num, cfg_pixels(self.config))
+        self.last["eval"] = self.env_step
+        if not returns:
+            return
+        self.logger.scalar("eval_return", np.mean(returns))
+        self.logger.scalar("eval_return_std", np.std(returns))
+        if video is not None:
+            self.logger.video("eval_policy", video[None])
+        self.logger.write(self.env_step)
+
+    def close(self):
+        close_envs(self.train_envs + self.eval_envs)
+        self.logger.close()
+
+
+def cfg_pixels(config):
+    return bool(config.pixels)
+
+
+def evaluate(agent, envs, episodes, record_video):
+    """Greedy-policy returns of ``episodes`` episodes; first episode's frames if ``record_video``."""
+    if episodes <= 0:
+        return [], None
+    recorder = tools.Replay(None, capacity=10 ** 9) if record_video else None
+    driver = tools.Driver(envs, recorder)
+    returns, frames = [], []
+
+    def on_episode(episode_return, length, episode):
+        returns.append(float(episode_return))
+        if episode is not None and not frames:
+            frames.append(episode["image"])
+
+    agent.eval()
+    driver.run(lambda obs, state: agent.policy(obs, state, "eval"), episodes=episodes, on_episode=on_episode)
+    agent.train()
+    return returns[:episodes], (frames[0] if frames else None)
+
+
+def setup_logdir(config):
+    logdir = pathlib.Path(config.logdir) if config.logdir else tools.default_logdir(config)
+    try:
+        logdir.mkdir(parents=True, exist_ok=True)
+        tools.write_yaml({**config.to_dict(), "logdir": str(logdir)}, logdir / "config.yaml")
+    except OSError as error:
+        raise tools.ConfigError(f"cannot write to logdir '{logdir}' ({error.strerror}); pass --logdir DIR") from error
+    return logdir
+
+
+def eval_only(config):
+    """Evaluate a saved agent: print returns and write eval_returns.json next to the checkpoint."""
+    if not config.checkpoint or not pathlib.Path(config.checkpoint).exists():
+        raise tools.ConfigError(f"--eval_only needs --checkpoint PATH to an existing latest.pt, got {config.checkpoint!r}")
+    payload = tools.load_checkpoint(config.checkpoint, config.device)
+    saved = tools.Config(payload["config"])
+    saved.update(device=config.device, eval_episode_num=config.eval_episode_num, parallel=config.parallel)
+    envs = make_envs(saved, "eval", max(1, min(saved.envs, saved.eval_episode_num)))
+    agent = Dreamer(envs[0].observation_space, envs[0].action_space, saved).to(config.device)
+    agent.load_state_dict(payload["agent"])
+    returns, _ = evaluate(agent, envs, saved.eval_episode_num, False)
+    close_envs(envs)
+    out = pathlib.Path(config.checkpoint).with_name("eval_returns.json")
+    summary = {"checkpoint": str(config.checkpoint), "env_step": payload["agent_step"] * saved.action_repeat,
+               "returns": returns, "mean": float(np.mean(returns)), "std": float(np.std(returns))}
+    tools.atomic_write_bytes(out, json.dumps(summary, indent=2).encode())
+    print(f"eval over {len(returns)} episodes: {summary['mean']:.1f} ± {summary['std']:.1f} -> {out}")
+    return summary
+
+
+def main(argv):
+    try:
+        config = tools.load_config(argv)
+        config.device = tools.resolve_device(config.device)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        tools.set_seed(config.seed, config.deterministic_run)
+        if config.eval_only:
+            return eval_only(config)
+        logdir = setup_logdir(config)
+    except tools.ConfigError as error:
+        sys.exit(f"error: {error}")
+    print(f"Logdir: {logdir}", flush=True)
+    run = Run(config, logdir)
+    try:
+        run.prefill()
+        run.train()
+    finally:
+        run.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,196 @@
+"""The two learners of DreamerV3: ``WorldModel`` and ``ImagBehavior``.
+
+``WorldModel.train_step`` returns the posterior states and a metrics dict; the
+loss terms are kept in a dict (``losses``) scaled by ``loss_scales`` so later
+terms (the LLCD adaptation loss) plug in without touching the rest.
+``ImagBehavior.train_step`` imagines ``imag_horizon`` steps from every
+posterior state and trains the actor (dynamics backprop for continuous
+actions, REINFORCE for discrete) and the two-hot critic on λ-returns.
+"""
+
+import copy
+
+import torch
+from torch import nn
+
+import networks
+import tools
+
+
+class WorldModel(nn.Module):
+    """Encoder, RSSM, decoder, reward and continue heads, trained on replayed sequences."""
+
+    def __init__(self, obs_shapes, action_dim, config):
+        super().__init__()
+        self.config = config
+        self.encoder = networks.MultiEncoder(obs_shapes, config)
+        self.dynamics = networks.RSSM(
+            config.dyn_stoch, config.dyn_discrete, config.dyn_deter, config.dyn_hidden, action_dim,
+            self.encoder.out_dim, config.unimix_ratio, config.act, config.norm)
+        feat = self.dynamics.feat_dim
+        self.decoder = networks.MultiDecoder(feat, obs_shapes, config)
+        rh, ch = config.reward_head, config.cont_head
+        self.reward = networks.MLP(feat, 1, rh.layers, config.units, config.act, config.norm,
+                                   dist="symlog_disc", outscale=rh.outscale)
+        self.cont = networks.MLP(feat, 1, ch.layers, config.units, config.act, config.norm,
+                                 dist="binary", outscale=ch.outscale)
+        self.loss_scales = {"reward": rh.loss_scale, "cont": ch.loss_scale,
+                            "dyn": config.dyn_scale, "rep": config.rep_scale,
+                            **{key: 1.0 for key in obs_shapes}}
+        self.optimizer = tools.Optimizer("model", self.parameters(), config.model_lr, config.opt_eps,
+                                         config.grad_clip, config.weight_decay, config.precision)
+
+    def preprocess(self, data):
+        """Numpy/tensor batch -> float tensors on the model's device; images to [-0.5, 0.5]."""
+        device = self.dynamics.initial_deter.device
+        out = {key: torch.as_tensor(value, device=device) for key, value in data.items()}
+        if "image" in out:
+            out["image"] = out["image"].float() / 255.0 - 0.5
+        for key in ("state", "action", "reward"):
+            if key in out:
+                out[key] = out[key].float()
+        if "is_terminal" in out:
+            out["cont"] = 1.0 - out["is_terminal"].float()
+        return out
+
+    def compute_losses(self, data):
+        """All loss terms, each (B, T), plus the posterior and prior states."""
+        embed = self.encoder(data)  # (B, T, E)
+        post, prior = self.dynamics.observe(embed, data["action"], data["is_first"])
+        dyn, rep, kl = self.dynamics.kl_losses(post["logit"], prior["logit"], self.config.kl_free)
+        feat = self.dynamics.feat(post)  # (B, T, F)
+        losses = {key: -dist.log_prob(data[key]) for key, dist in self.decoder(feat).items()}
+        losses["reward"] = -self.reward(feat).log_prob(data["reward"])
+        losses["cont"] = -self.cont(feat).log_prob(data["cont"])
+        losses["dyn"], losses["rep"] = dyn, rep
+        return losses, post, prior, kl
+
+    def train_step(self, data):
+        with tools.autocast(self.config.precision, self.config.device):
+            losses, post, prior, kl = self.compute_losses(data)
+            means = {key: value.mean() for key, value in losses.items()}
+            model_loss = sum(self.loss_scales[key] * value for key, value in means.items())
+        metrics = self.optimizer.step(model_loss)
+        metrics.update({f"{key}_loss": value.detach() for key, value in means.items()})
+        metrics["kl"] = kl.mean()
+        metrics["prior_ent"] = networks.OneHotCategorical(prior["logit"], self.config.unimix_ratio).entropy().sum(-1).mean().detach()
+        metrics["post_ent"] = networks.OneHotCategorical(post["logit"], self.config.unimix_ratio).entropy().sum(-1).mean().detach()
+        return post, metrics
+
+    @torch.no_grad()
+    def video_pred(self, data, context=5, count=6):
+        """Open-loop prediction video: observe ``context`` frames, imagine the rest.
+        Returns uint8 (count, T, H, 3*W): truth | model | error, side by side."""
+        data = {key: value[:count] for key, value in data.items()}
+        embed = self.encoder(data)
+        post, _ = self.dynamics.observe(embed[:, :context], data["action"][:, :context], data["is_first"][:, :context])
+        state = {key: value[:, -1] for key, value in post.items()}
+        states = []
+        for t in range(context, data["action"].shape[1]):
+            state = self.dynamics.img_step(state, data["action"][:, t])
+            states.append(state)
+        feats = torch.cat([self.dynamics.feat(post), torch.stack([self.dynamics.feat(s) for s in states], 1)], 1)
+        model = self.decoder(feats)["image"].mode() + 0.5
+        truth = data["image"] + 0.5
+        error = (model - truth + 1) / 2
+        video = torch.cat([truth, model, error], 3).clamp(0, 1)
+        return (video * 255).to(torch.uint8).cpu().numpy()
+
+
+class ImagBehavior(nn.Module):
+    """Actor-critic trained on imagined rollouts of the world model."""
+
+    def __init__(self, config, world_model, action_dim, discrete):
+        super().__init__()
+        self.config = config
+        self.wm = world_model
+        self.discrete = discrete
+        feat = world_model.dynamics.feat_dim
+        a, c = config.actor, config.critic
+        self.actor = networks.MLP(feat, action_dim, a.layers, config.units, config.act, config.norm,
+                                  dist="onehot" if discrete else "normal", outscale=a.outscale,
+                                  min_std=a.min_std, max_std=a.max_std, unimix=a.unimix_ratio)
+        self.critic = networks.MLP(feat, 1, c.layers, config.units, config.act, config.norm,
+                                   dist="symlog_disc", outscale=c.outscale)
+        self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.register_buffer("return_range", torch.zeros(2))  # EMA of (P5, P95) of λ-returns
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        p = config.precision
+        self.actor_opt = tools.Optimizer("actor", self.actor.parameters(), a.lr, a.eps, a.grad_clip, 0.0, p)
+        self.critic_opt = tools.Optimizer("critic", self.critic.parameters(), c.lr, c.eps, c.grad_clip, 0.0, p)
+
+    def train_step(self, start, objective):
+        """start: posterior state dict with (B, T, ...) tensors; objective(feats (H+1, N, F),
+        actions (H, N, A)) -> reward (H, N) for arriving at imagined states 1..H."""
+        cfg = self.config
+        with tools.autocast(cfg.precision, cfg.device):
+            feats, actions, entropies, log_probs = self.imagine(start, cfg.imag_horizon)
+            reward = objective(feats, actions)  # (H, N)
+            discount = cfg.discount * self.wm.cont(feats[1:]).mean()  # (H, N)
+            critic = self.critic(feats)  # over (H+1, N); one forward serves actor and critic losses
+            value = critic.mode()  # (H+1, N)
+            returns = lambda_return(reward, value, discount, cfg.discount_lambda)  # (H, N)
+            weights = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-1]]), 0).detach()
+            scale = self.update_return_scale(returns)
+            adv = (returns - value[:-1].detach()) / scale  # (H, N)
+            if self.discrete or cfg.imag_gradient == "reinforce":
+                policy_term = log_probs * adv.detach()
+            else:
+                policy_term = adv
+            actor_loss = -(weights * (policy_term + cfg.actor.entropy * entropies)).mean()
+            critic_loss = self.critic_loss(critic[:-1], feats[:-1].detach(), returns.detach(), weights)
+        metrics = self.actor_opt.step(actor_loss, retain_graph=True)
+        metrics.update(self.critic_opt.step(critic_loss))
+        self.update_slow_critic()
+        metrics.update(imag_reward=reward.mean().detach(), imag_return=returns.mean().detach(),
+                       actor_entropy=entropies.mean().detach(), return_scale=scale.detach())
+        return metrics
+
+    def imagine(self, start, horizon):
+        """Roll the prior forward with the actor. Returns feats (H+1, N, F), actions (H, N, A),
+        entropies (H, N) and log-probs of the actions (H, N)."""
+        dynamics = self.wm.dynamics
+        state = {key: start[key].detach().flatten(0, 1) for key in ("deter", "stoch")}  # (N, ...)
+        feats, actions, entropies, log_probs = [dynamics.feat(state)], [], [], []
+        for _ in range(horizon):
+            dist = self.actor(feats[-1].detach())
+            action = dist.sample()
+            state = dynamics.img_step(state, action)
+            feats.append(dynamics.feat(state))
+            actions.append(action)
+            entropies.append(dist.entropy())
+            log_probs.append(dist.log_prob(action.detach()))
+        return torch.stack(feats), torch.stack(actions), torch.stack(entropies), torch.stack(log_probs)
+
+    def critic_loss(self, dist, feats, returns, weights):
+        """Two-hot NLL of λ-returns plus regularisation toward the slow critic's prediction.
+        ``dist`` is the critic's output on ``feats``; its backward only reaches critic weights."""
+        slow = self.slow_critic(feats).mode().detach()
+        nll = -dist.log_prob(returns) - self.config.critic.slow_reg * dist.log_prob(slow)
+        return (weights * nll).mean()
+
+    @torch.no_grad()
+    def update_return_scale(self, returns):
+        """EMA of the 5th and 95th return percentiles; scale = max(1, P95 - P5)."""
+        low_high = torch.quantile(returns.float().flatten(), returns.new_tensor([0.05, 0.95]).float())
+        decay = self.config.return_norm_decay
+        self.return_range.lerp_(low_high, 1 - decay)
+        return torch.clamp(self.return_range[1] - self.return_range[0], min=1.0)
+
+    @torch.no_grad()
+    def update_slow_critic(self):
+        c = self.config.critic
+        if int(self.updates) % c.slow_target_update == 0:
+            slow, fast = list(self.slow_critic.parameters()), list(self.critic.parameters())
+            torch._foreach_lerp_(slow, fast, c.slow_target_fraction)
+        self.updates += 1
+
+
+def lambda_return(reward, value, discount, lam):
+    """λ-returns. reward, discount (H, N) for steps 1..H; value (H+1, N) for steps 0..H.
+    R_t = r_{t+1} + d_{t+1} ((1 - λ) v_{t+1} + λ R_{t+1}), R_H = v_H. Returns (H, N)."""
+    returns, last = [], value[-1]
+    for t in reversed(range(reward.shape[0])):
+        last = reward[t] + discount[t] * ((1 - lam) * value[t + 1] + lam * last)
+        returns.append(last)
+    return torch.stack(returns[::-1])

@@ -1,0 +1,362 @@
+"""Tests for analyze_results.py on synthetic run directories with known curves.
+
+Schedule of the main synthetic runs (all numbers in env steps):
+prefill = 250 agent steps, crl_steps_per_task = 250 agent steps,
+action_repeat = 2, crl_tasks = [0, 1, 2, 3]  ->  windows
+task 0: [500, 1000), task 1: [1000, 1500), task 2: [1500, 2000),
+task 3: [2000, 2500). Evals every 125 env steps at 0, 125, ..., 2500
+(21 points, index k <-> step 125*k); the eval points of a window [s, e)
+are those with s < t <= e, i.e. indices 5-8, 9-12, 13-16, 17-20.
+"""
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from ruamel.yaml import YAML
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import analyze_results as ar  # noqa: E402
+
+EVAL_STEPS = [125 * k for k in range(21)]
+# Seed-1 eval returns per task at EVAL_STEPS (see the module docstring).
+CURVES_SEED1 = {
+    0: [0, 0, 0, 0, 100, 400, 800, 900, 850,
+        700, 700, 700, 700, 600, 600, 600, 600, 500, 500, 500, 500],
+    1: [100] * 9 + [300, 950, 1000, 990, 900, 900, 900, 900, 800, 800, 800, 800],
+    2: [200] * 13 + [200, 300, 400, 500] + [500, 450, 400, 400],
+    3: [0] * 17 + [600, 600, 600, 600],
+}
+# Seed 2 = seed 1 + 50 everywhere (forgetting unchanged, best/final +50).
+CURVES_SEED2 = {t: [v + 50 for v in vals] for t, vals in CURVES_SEED1.items()}
+
+
+def base_config(**overrides):
+    """A resolved config like the agent saves it."""
+    config = {
+        "task": "dmc_cartpole_balance", "configs": ["dmc_crl_cartpole", "small"],
+        "seed": 1, "llcd": True, "replay": "reservoir",
+        "crl_tasks": [0, 1, 2, 3], "crl_steps_per_task": 250, "prefill": 250,
+        "action_repeat": 2, "eval_every": 125,
+    }
+    config.update(overrides)
+    return config
+
+
+def write_run(path, config, rows, tail=""):
+    """Write config.yaml and metrics.jsonl (plus an optional raw tail)."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.yaml"), "w") as f:
+        YAML(typ="safe", pure=True).dump(config, f)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.write(tail)
+    return str(path)
+
+
+def crl_rows(curves, losses, detections=(), probe=()):
+    """metrics.jsonl rows: evals, model losses, detections, probe accuracy."""
+    rows = [{"step": 0, "crl_task": 0}]
+    for k, step in enumerate(EVAL_STEPS):
+        row = {"step": step}
+        row.update({f"task_{t}_eval_return": vals[k] for t, vals in curves.items()})
+        rows.append(row)
+    rows += [{"step": 100 * (i + 1), "model_loss": loss, "fps": 3.0, "note": "x"}
+             for i, loss in enumerate(losses)]
+    rows += [{"step": s, "llcd_detection": 1.0} for s in detections]
+    rows += [{"step": s, "llcd_probe_accuracy": a} for s, a in probe]
+    return rows
+
+
+def reference_rows(key, steps, values):
+    """Rows of a single-task reference run."""
+    return [{"step": s, key: v} for s, v in zip(steps, values)]
+
+
+def build_dataset(root):
+    """Two seeds of one group, one run with another schedule, references."""
+    runs = root / "runs"
+    seed1 = write_run(
+        runs / "s1", base_config(seed=1),
+        crl_rows(CURVES_SEED1, losses=list(range(1, 21)),
+                 detections=[300, 1100, 1200, 1650], probe=[(1000, 0.5), (2500, 0.75)]),
+        tail='{"step": 2600, "task_0_eval_ret')  # crashed mid-write
+    seed2 = write_run(
+        runs / "s2", base_config(seed=2),
+        crl_rows(CURVES_SEED2, losses=[2 * i for i in range(1, 21)],
+                 detections=[1000, 1500, 2000], probe=[(2500, 1.0)]))
+    odd = write_run(
+        runs / "s3_other_schedule", base_config(seed=3, crl_steps_per_task=300),
+        crl_rows(CURVES_SEED1, losses=[1.0]))
+    refs = root / "refs"
+    # Task 0 reference: crl_tasks == [0], prefill 0 -> window starts at step 0.
+    write_run(refs / "ref0", base_config(crl_tasks=[0], prefill=0),
+              reference_rows("task_0_eval_return", [0, 125, 250, 375, 500, 625],
+                             [0, 200, 400, 600, 800, 1000]))
+    # Task 1 reference: no crl_tasks, task_id 1, prefill 50 agent steps x 2
+    # -> its window starts at env step 100; aligned by steps since 100.
+    write_run(refs / "ref1", base_config(crl_tasks=[], task_id=1, prefill=50),
+              reference_rows("eval_return", [100, 225, 350, 475, 600, 725],
+                             [0, 250, 500, 750, 1000, 1000]))
+    return seed1, seed2, odd
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """Run the CLI once on the synthetic dataset; keep outputs and messages."""
+    root = tmp_path_factory.mktemp("analysis")
+    build_dataset(root)
+    out = root / "out"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = ar.main([str(root / "runs" / "s*"), "--out", str(out),
+                        "--reference", str(root / "refs" / "*")])
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    table = {(r["group"], r["metric"]): r for r in rows}
+    return {"code": code, "out": out, "stdout": stdout.getvalue(),
+            "stderr": stderr.getvalue(), "table": table, "root": root}
+
+
+MAIN = "cartpole llcd=True replay=reservoir"
+
+
+def cell(report, metric, group=MAIN):
+    """(mean, std, n) of one CSV cell as floats."""
+    row = report["table"][(group, metric)]
+    return float(row["mean"]), float(row["std"]), int(row["n"])
+
+
+def seed_pair(a, b):
+    """Hand formula: mean and sample std (ddof=1) of two seeds."""
+    mean = (a + b) / 2
+    return mean, math.sqrt(((a - mean) ** 2 + (b - mean) ** 2) / (2 - 1))
+
+
+def assert_cell(report, metric, seed1_value, seed2_value):
+    """The CSV cell equals the hand-computed mean ± std of the two seeds."""
+    mean, std, n = cell(report, metric)
+    exp_mean, exp_std = seed_pair(seed1_value, seed2_value)
+    assert n == 2
+    assert mean == pytest.approx(exp_mean), metric
+    assert std == pytest.approx(exp_std), metric
+
+
+def test_cli_exit_code_and_groups(report):
+    assert report["code"] == 0
+    groups = {g for g, _ in report["table"]}
+    assert MAIN in groups
+    odd = [g for g in groups if g != MAIN]
+    assert len(odd) == 1 and "crl_steps_per_task=300" in odd[0]
+    assert report["table"][(MAIN, "best_return/task0")]["n_runs"] == "2"
+    assert "different schedule" in report["stderr"]
+    assert "s3_other_schedule" in report["stderr"]
+
+
+def test_truncated_last_line_skipped_with_warning(report):
+    assert "skipping truncated last line" in report["stderr"]
+    assert "Traceback" not in report["stderr"]
+
+
+def test_best_return_first_window(report):
+    # seed 1, first-window eval points (indices 5-8 etc.):
+    # task0 max(400, 800, 900, 850) = 900; task1 max(300, 950, 1000, 990) = 1000
+    # task2 max(200, 400, 500, 500) = 500; task3 max(600 x4) = 600; seed 2 = +50.
+    for task, best in {0: 900, 1: 1000, 2: 500, 3: 600}.items():
+        assert_cell(report, f"best_return/task{task}", best, best + 50)
+
+
+def test_best_return_every_window(report):
+    # One window per task here, so window j == task j's first window.
+    for task, best in {0: 900, 1: 1000, 2: 500, 3: 600}.items():
+        assert_cell(report, f"best_return/window{task}_task{task}", best, best + 50)
+
+
+def test_final_return_and_average_performance(report):
+    # p_i(T) at step 2500: 500, 800, 400, 600 -> P(T) = 2300 / 4 = 575.
+    for task, final in {0: 500, 1: 800, 2: 400, 3: 600}.items():
+        assert_cell(report, f"final_return/task{task}", final, final + 50)
+    assert_cell(report, "avg_performance/final", 575.0, 625.0)
+
+
+def test_forgetting_both_definitions(report):
+    # e_0 = step 1000 (850): F0 = 850 - 500 = 350, Fmax0 = 900 - 500 = 400
+    # e_1 = step 1500 (990): F1 = 990 - 800 = 190, Fmax1 = 1000 - 800 = 200
+    # e_2 = step 2000 (500): F2 = 500 - 400 = 100, Fmax2 = 500 - 400 = 100
+    # e_3 = step 2500 = T:   F3 = 0,               Fmax3 = 600 - 600 = 0
+    forgetting = {0: 350, 1: 190, 2: 100, 3: 0}
+    forgetting_max = {0: 400, 1: 200, 2: 100, 3: 0}
+    for task in range(4):  # a constant offset does not change forgetting
+        assert_cell(report, f"forgetting/task{task}", forgetting[task], forgetting[task])
+        assert_cell(report, f"forgetting_max/task{task}",
+                    forgetting_max[task], forgetting_max[task])
+    assert_cell(report, "forgetting/mean", 640 / 4, 640 / 4)       # 160
+    assert_cell(report, "forgetting_max/mean", 700 / 4, 700 / 4)   # 175
+
+
+def test_forward_transfer(report):
+    # Task 0, window [500, 1000], tau = 0, .25, .5, .75, 1.
+    # seed 1 normalised: .1 .4 .8 .9 .85 -> trapezoid mean
+    #   .25 * ((.1+.4)/2 + (.4+.8)/2 + (.8+.9)/2 + (.9+.85)/2) = .25 * 2.575
+    auc0_s1 = 0.25 * 2.575
+    auc0_s2 = auc0_s1 + 0.05  # +50 / 1000
+    # reference 0: 0 .2 .4 .6 .8 over offsets 0..500 (step 625 is outside)
+    ref0 = 0.25 * (0.1 + 0.3 + 0.5 + 0.7)  # = 0.4
+    # Task 1, window [1000, 1500]: .1 .3 .95 1.0 .99
+    auc1_s1 = 0.25 * ((0.1 + 0.3) / 2 + (0.3 + 0.95) / 2 + (0.95 + 1.0) / 2 + (1.0 + 0.99) / 2)
+    auc1_s2 = auc1_s1 + 0.05
+    # reference 1 (window starts at 100): 0 .25 .5 .75 1.0 -> mean .5
+    ref1 = 0.25 * (0.125 + 0.375 + 0.625 + 0.875)
+    ft0 = [(a - ref0) / (1 - ref0) for a in (auc0_s1, auc0_s2)]
+    ft1 = [(a - ref1) / (1 - ref1) for a in (auc1_s1, auc1_s2)]
+    assert ft0[0] == pytest.approx(0.40625) and ft1[0] == pytest.approx(0.3975)
+    assert_cell(report, "forward_transfer/task0", *ft0)
+    assert_cell(report, "forward_transfer/task1", *ft1)
+    # no reference for tasks 2 and 3 -> undefined, the mean uses tasks 0 and 1
+    assert cell(report, "forward_transfer/task2")[2] == 0
+    assert_cell(report, "forward_transfer/mean",
+                (ft0[0] + ft1[0]) / 2, (ft0[1] + ft1[1]) / 2)
+
+
+def test_convergence_steps(report):
+    # seed 1: task0 90% of 900 = 810 -> first at step 875 (800 < 810): 875-500
+    # task1 90% of 1000 = 900 -> step 1250: 250; task2 450 -> step 2000: 500
+    # task3 540 -> step 2125: 125.  seed 2: 855 -> 875; 945 -> 1250;
+    # 495 -> 2000; 585 -> 2125: the same steps.
+    for task, steps in {0: 375, 1: 250, 2: 500, 3: 125}.items():
+        assert_cell(report, f"convergence_steps/task{task}", steps, steps)
+
+
+def test_final_model_loss(report):
+    # seed 1 losses 1..20 -> mean(11..20) = 15.5; seed 2 = 2x -> 31
+    assert_cell(report, "model_loss/final", sum(range(11, 21)) / 10,
+                2 * sum(range(11, 21)) / 10)
+
+
+def test_llcd_metrics(report):
+    # switches at env steps 1000 (task 1), 1500 (task 2), 2000 (task 3).
+    # seed 1 detections 300 (false alarm), 1100 (delay 100), 1200 (second in
+    # the window: false alarm), 1650 (delay 150), none in [2000, 2500): miss.
+    # 2 false alarms over 2500 / 2 = 1250 agent steps -> 160 per 100K.
+    # seed 2 detects each switch exactly at the boundary: delays 0, no misses.
+    assert_cell(report, "llcd_delay_steps/switch1_task1", 100, 0)
+    assert_cell(report, "llcd_delay_steps/switch2_task2", 150, 0)
+    mean, std, n = cell(report, "llcd_delay_steps/switch3_task3")
+    assert (mean, n) == (0.0, 1) and math.isnan(std)  # seed 1 missed it
+    assert_cell(report, "llcd_delay_steps/mean", (100 + 150) / 2, 0.0)
+    assert_cell(report, "llcd_misses", 1, 0)
+    assert_cell(report, "llcd_false_alarms_per_100k", 2 / 1250 * 100_000, 0.0)
+    assert_cell(report, "llcd_probe_accuracy/final", 0.75, 1.0)
+
+
+def test_console_and_markdown_tables(report):
+    # best return task 0: mean (900 + 950) / 2 = 925, std 25 * sqrt(2) = 35.36
+    assert "925.0 ± 35.4" in report["stdout"]
+    assert "(n=2)" in report["stdout"] and "(n=1)" in report["stdout"]
+    assert "± n/a" in report["stdout"]  # the one-seed group
+    md = (report["out"] / "results.md").read_text()
+    assert "| best_return/task0 | 925.0 ± 35.4 |" in md
+    assert "| forgetting/mean | 160.0 ± 0.0 |" in md  # identical across seeds
+
+
+def test_output_files_written(report):
+    out = report["out"]
+    for name in ["results.csv", "results_per_run.csv", "results.md",
+                 "final_results_grid_shaded.png", "curve_eval_return_task0.png",
+                 "curve_avg_performance.png", "curve_model_loss.png",
+                 "curve_llcd_detections.png", "bars_forgetting.png"]:
+        assert (out / name).stat().st_size > 0, name
+    with open(out / "final_results_grid_shaded.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(out / "results_per_run.csv") as f:
+        per_run = list(csv.DictReader(f))
+    assert len(per_run) == 3
+    assert {r["seed"] for r in per_run} == {"1", "2", "3"}
+
+
+def test_repeated_schedule_windows():
+    # crl_tasks [0, 1, 0, 1], prefill 0, spt 100, action_repeat 1:
+    # windows [0,100) [100,200) [200,300) [300,400); evals every 50.
+    steps = [0, 50, 100, 150, 200, 250, 300, 350, 400]
+    task0 = [0, 500, 600, 300, 200, 700, 800, 400, 300]
+    task1 = [0, 0, 0, 400, 500, 100, 100, 900, 950]
+    rows = {"task_0_eval_return": task0, "task_1_eval_return": task1}
+    run = ar.Run("mem", base_config(crl_tasks=[0, 1, 0, 1], prefill=0,
+                                    crl_steps_per_task=100, action_repeat=1),
+                 {k: (np.array(steps, float), np.array(v, float)) for k, v in rows.items()})
+    m = ar.compute_run_metrics(run)
+    assert m["best_return/window0_task0"] == 600   # max(500, 600)
+    assert m["best_return/window1_task1"] == 500   # max(400, 500)
+    assert m["best_return/window2_task0"] == 800   # max(700, 800)
+    assert m["best_return/window3_task1"] == 950   # max(900, 950)
+    assert m["best_return/task0"] == 600 and m["best_return/task1"] == 500
+    # e_0 = step 100 (600), T = 400 (300): F = 300, Fmax = 600 - 300
+    assert m["forgetting/task0"] == 300 and m["forgetting_max/task0"] == 300
+    # e_1 = step 200 (500), final 950: negative forgetting (backward transfer)
+    assert m["forgetting/task1"] == -450 and m["forgetting_max/task1"] == -450
+    assert m["avg_performance/final"] == (300 + 950) / 2
+    # llcd on, no detections: all three switches (windows 1, 2, 3) missed
+    assert m["llcd_misses"] == 3 and m["llcd_false_alarms_per_100k"] == 0
+    assert math.isnan(m["llcd_delay_steps/mean"])
+    assert math.isnan(m["model_loss/final"])
+
+
+def test_single_seed_group_has_no_std(tmp_path, capsys):
+    write_run(tmp_path / "a", base_config(llcd=False), crl_rows(CURVES_SEED1, [1.0]))
+    assert ar.main([str(tmp_path / "a"), "--out", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    assert "900.0 ± n/a" in text and "nan" not in text.lower().replace("n/a", "")
+    assert "llcd_misses" not in text  # llcd off and no detections logged
+
+
+def test_group_by_replaces_default(tmp_path, capsys):
+    for seed, replay in ((1, "fifo"), (2, "reservoir")):
+        write_run(tmp_path / f"r{seed}", base_config(seed=seed, replay=replay),
+                  crl_rows(CURVES_SEED1, [1.0]))
+    groups = ar.group_runs(ar.load_runs(ar.expand_paths([str(tmp_path / "r*")])),
+                           ["llcd", "configs"])
+    assert [g.label for g in groups] == ["llcd=True configs=[dmc_crl_cartpole,small]"]
+    assert len(groups[0].runs) == 2
+    default = ar.group_runs(groups[0].runs)
+    assert sorted(g.label for g in default) == [
+        "cartpole llcd=True replay=fifo", "cartpole llcd=True replay=reservoir"]
+
+
+def test_missing_files_clear_messages(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        ar.main([str(tmp_path / "does_not_exist"), "--out", str(tmp_path / "o")])
+    assert "no run directory with config.yaml and metrics.jsonl" in str(exc.value)
+    only_config = tmp_path / "only_config"
+    only_config.mkdir()
+    (only_config / "config.yaml").write_text("seed: 1\n")
+    with pytest.raises(SystemExit):
+        ar.main([str(only_config), "--out", str(tmp_path / "o")])
+    assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_no_eval_rows_message(tmp_path, capsys):
+    write_run(tmp_path / "noeval", base_config(), [{"step": 10, "model_loss": 1.0}])
+    with pytest.raises(SystemExit) as exc:
+        ar.main([str(tmp_path / "noeval"), "--out", str(tmp_path / "o")])
+    assert "no run has eval rows" in str(exc.value)
+    err = capsys.readouterr().err
+    assert "no eval rows" in err and "is empty" in err
+
+
+def test_cli_subprocess_usage_error_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "analyze_results.py"),
+                           str(tmp_path / "nothing_here")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("analyze_results: error:")

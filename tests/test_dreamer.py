@@ -1,0 +1,254 @@
+"""End-to-end runs of dreamer.py on CPU with the debug config.
+
+Every run uses ``--configs debug --task dmc_cartpole_balance`` with a logdir
+under pytest's tmp_path. ``--train_ratio 16`` keeps the number of gradient
+updates small (0.25 per agent step instead of 2) so the whole file stays
+fast on 2 CPU cores; everything else is the debug block.
+
+Numbers used below, from configs.yaml's debug block: action_repeat 2,
+prefill 100 agent steps, time_limit 200 env steps (episodes of 100 agent
+steps, i.e. 101 stored transitions), eval_every 200 env steps,
+batch 4 x 16.
+"""
+
+import contextlib
+import io
+import json
+import math
+import os
+import pathlib
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import dreamer  # noqa: E402
+import tools  # noqa: E402
+
+BASE = ["--configs", "debug", "--task", "dmc_cartpole_balance", "--train_ratio", "16", "--device", "cpu"]
+ACTION_REPEAT, PREFILL, EPISODE_STEPS, BATCH_STEPS, TRAIN_RATIO = 2, 100, 100, 4 * 16, 16
+
+
+def run_main(args):
+    """Run dreamer.main in-process; return what it printed to stdout."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        dreamer.main(list(args))
+    return out.getvalue()
+
+
+def read_rows(logdir):
+    lines = (pathlib.Path(logdir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def episode_files(logdir):
+    return sorted((pathlib.Path(logdir) / "train_eps").glob("*.npz"))
+
+
+def episode_id(path):
+    """'<stamp>-<uuid>-<length>.npz' -> '<stamp>-<uuid>'."""
+    return path.stem.rsplit("-", 1)[0]
+
+
+def expected_updates(agent_step):
+    return (agent_step - PREFILL) * TRAIN_RATIO // BATCH_STEPS
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("e2e") / "run"
+    printed = run_main([*BASE, "--steps", "400", "--logdir", str(logdir)])
+    return logdir, printed
+
+
+def test_run_writes_config_metrics_events_checkpoint_and_episodes(first_run):
+    logdir, printed = first_run
+    assert "Resumed" not in printed
+    # config.yaml: the resolved config
+    saved = tools.read_yaml(logdir / "config.yaml")
+    assert saved["task"] == "dmc_cartpole_balance" and saved["steps"] == 400
+    assert saved["configs"] == ["debug"] and saved["train_ratio"] == 16
+    assert pathlib.Path(saved["logdir"]) == logdir
+    # metrics.jsonl: eval and training rows, steps never go back
+    rows = read_rows(logdir)
+    steps = [row["step"] for row in rows]
+    assert steps == sorted(steps)
+    evals = [row for row in rows if "eval_return" in row]
+    assert evals, rows
+    eval_steps = [row["step"] for row in evals]
+    assert eval_steps == sorted(set(eval_steps))
+    assert eval_steps[-1] == 400
+    for row in evals:
+        assert 0 <= row["eval_return"] <= EPISODE_STEPS * ACTION_REPEAT
+    train_rows = [row for row in rows if "model_loss" in row]
+    assert train_rows
+    for row in train_rows:
+        for key in ("model_loss", "kl", "reward_loss", "cont_loss", "state_loss", "actor_loss", "critic_loss"):
+            assert key in row and math.isfinite(row[key]), key
+    # TensorBoard event file
+    events = list(logdir.glob("events.out.tfevents.*"))
+    assert events and all(path.stat().st_size > 0 for path in events)
+    # latest.pt
+    payload = tools.load_checkpoint(logdir / "latest.pt", "cpu")
+    for key in ("agent", "agent_step", "updates", "optimizers", "rng"):
+        assert key in payload, key
+    assert payload["agent_step"] == 400 // ACTION_REPEAT
+    assert payload["updates"] == expected_updates(payload["agent_step"]) > 0
+    assert len(payload["optimizers"]) >= 3  # world model, actor, critic
+    assert set(payload["rng"]) >= {"python", "numpy", "torch"}
+    # train_eps: complete episodes of 101 transitions with the expected keys
+    files = episode_files(logdir)
+    assert len(files) >= 2
+    for path in files:
+        with np.load(path) as data:
+            episode = {key: data[key] for key in data.files}
+        length = EPISODE_STEPS + 1
+        assert path.stem.endswith(f"-{length}")
+        assert {"state", "action", "reward", "is_first", "is_last", "is_terminal", "discount"} <= set(episode)
+        assert episode["state"].shape == (length, 5) and episode["action"].shape == (length, 1)
+        assert episode["is_first"][0] and not episode["is_first"][1:].any()
+        assert episode["is_last"][-1]
+        assert np.all(episode["action"][0] == 0)
+        assert np.all(np.abs(episode["action"]) <= 1)
+
+
+def test_resume_continues_steps_without_duplicates(first_run, tmp_path):
+    source, _ = first_run
+    logdir = tmp_path / "run"
+    shutil.copytree(source, logdir)
+    before_files = {path.name for path in episode_files(logdir)}
+    before = tools.load_checkpoint(logdir / "latest.pt", "cpu")
+    printed = run_main([*BASE, "--steps", "800", "--logdir", str(logdir)])
+    assert "Resumed" in printed
+    after = tools.load_checkpoint(logdir / "latest.pt", "cpu")
+    assert after["agent_step"] == 800 // ACTION_REPEAT
+    assert after["updates"] > before["updates"]
+    assert after["updates"] == expected_updates(after["agent_step"])
+    # metrics: the step counter continues, nothing logged twice
+    rows = read_rows(logdir)
+    steps = [row["step"] for row in rows]
+    assert steps == sorted(steps)
+    assert max(steps) == 800
+    lines = (logdir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines))
+    seen = set()
+    for row in rows:
+        for key in row:
+            if key != "step":
+                assert (row["step"], key) not in seen, (row["step"], key)
+                seen.add((row["step"], key))
+    eval_steps = [row["step"] for row in rows if "eval_return" in row]
+    assert eval_steps == sorted(set(eval_steps))
+    assert 400 in eval_steps and eval_steps[-1] == 800
+    assert any(row["step"] > 400 and "model_loss" in row for row in rows)
+    # episodes: the first run's files are kept, no episode stored twice
+    after_files = {path.name for path in episode_files(logdir)}
+    assert before_files <= after_files
+    assert len(after_files) > len(before_files)
+    ids = [episode_id(path) for path in episode_files(logdir)]
+    assert len(ids) == len(set(ids))
+
+
+def test_eval_only_writes_returns(first_run, tmp_path):
+    source, _ = first_run
+    checkpoint = tmp_path / "latest.pt"
+    shutil.copy(source / "latest.pt", checkpoint)
+    printed = run_main(["--eval_only", "True", "--checkpoint", str(checkpoint), "--eval_episode_num", "2",
+                        "--device", "cpu"])
+    summary = json.loads((tmp_path / "eval_returns.json").read_text())
+    assert len(summary["returns"]) == 2
+    for value in summary["returns"]:
+        assert 0 <= value <= EPISODE_STEPS * ACTION_REPEAT
+    assert summary["mean"] == pytest.approx(np.mean(summary["returns"]))
+    assert f"{summary['mean']:.1f}" in printed
+    assert not (tmp_path / "train_eps").exists()  # evaluation stores nothing
+
+
+def test_eval_only_without_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        dreamer.main(["--eval_only", "True", "--checkpoint", str(tmp_path / "missing.pt")])
+    assert "checkpoint" in str(info.value.code)
+
+
+def test_parallel_envs_run(tmp_path):
+    logdir = tmp_path / "run"
+    run_main([*BASE, "--parallel", "True", "--envs", "2", "--logdir", str(logdir)])
+    payload = tools.load_checkpoint(logdir / "latest.pt", "cpu")
+    assert payload["agent_step"] == 400 // ACTION_REPEAT
+    # 200 agent steps over 2 envs: each env completes one 100-step episode
+    files = episode_files(logdir)
+    assert len(files) == 2
+    assert all(path.stem.endswith(f"-{EPISODE_STEPS + 1}") for path in files)
+    assert len({episode_id(path) for path in files}) == 2
+    assert any("eval_return" in row for row in read_rows(logdir))
+
+
+def egl_available():
+    try:
+        from envs import dmc
+
+        env = dmc.DeepMindControl("cartpole_balance", 1, (64, 64), None, 0, pixels=True)
+        return env.reset()["image"].shape == (64, 64, 3), ""
+    except Exception as error:  # noqa: BLE001 - any rendering failure means: no EGL here
+        return False, f"{type(error).__name__}: {error}"
+
+
+def test_pixel_run_stores_images(tmp_path):
+    ok, reason = egl_available()
+    if not ok:
+        pytest.skip(f"MuJoCo EGL rendering unavailable ({reason})")
+    logdir = tmp_path / "run"
+    run_main([*BASE, "--pixels", "True", "--video_pred_log", "True", "--logdir", str(logdir)])
+    files = episode_files(logdir)
+    assert files
+    with np.load(files[0]) as data:
+        assert "image" in data.files and "state" not in data.files
+        image = data["image"]
+    assert image.shape == (EPISODE_STEPS + 1, 64, 64, 3) and image.dtype == np.uint8
+    assert image.std() > 0  # rendered, not blank
+    rows = read_rows(logdir)
+    assert any("image_loss" in row and math.isfinite(row["image_loss"]) for row in rows)
+    assert tools.load_checkpoint(logdir / "latest.pt", "cpu")["agent_step"] == 400 // ACTION_REPEAT
+
+
+EXPLORE_FLAGS = {}
+
+
+@pytest.mark.parametrize("behavior", ["plan2explore", "random"])
+def test_exploration_behaviours_run(behavior, tmp_path, monkeypatch):
+    flags = EXPLORE_FLAGS.setdefault(behavior, [])
+    original = dreamer.Dreamer.policy
+
+    def recording_policy(self, obs, state, mode, explore=False):
+        if mode == "train":
+            flags.append(explore)
+        return original(self, obs, state, mode, explore)
+
+    monkeypatch.setattr(dreamer.Dreamer, "policy", recording_policy)
+    logdir = tmp_path / "run"
+    run_main([*BASE, "--expl_behavior", behavior, "--steps", "300", "--logdir", str(logdir)])
+    payload = tools.load_checkpoint(logdir / "latest.pt", "cpu")
+    assert payload["agent_step"] == 300 // ACTION_REPEAT
+    assert payload["updates"] == expected_updates(payload["agent_step"]) > 0
+    assert len(payload["optimizers"]) >= (5 if behavior == "plan2explore" else 3)
+    rows = read_rows(logdir)
+    if behavior == "plan2explore":
+        assert any("expl_actor_loss" in row and math.isfinite(row["expl_actor_loss"]) for row in rows)
+    assert flags  # the learned policy acted after prefill
+
+
+@pytest.mark.parametrize("behavior", ["plan2explore", "random"])
+def test_exploration_behaviour_acts_by_default(behavior):
+    """DreamerV3-torch semantics: expl_until 0 (the default) means 'explore for the whole
+    run', so --expl_behavior X alone makes X choose the training actions."""
+    flags = EXPLORE_FLAGS.get(behavior)
+    if not flags:
+        pytest.skip("the exploration run did not record its policy calls")
+    assert tools.load_config([]).expl_until == 0
+    assert any(flags), f"--expl_behavior {behavior} never acted ({len(flags)} training policy calls)"

@@ -1,0 +1,225 @@
+"""Tests for the continual-physics DMC envs (envs/dmc.py) and verify_physics.py.
+
+Task tables come from configs.yaml `crl_task_defs` (the ones the agent uses), so every
+defined task is constructed and stepped here.
+"""
+
+import functools
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import verify_physics as vp  # noqa: E402
+from envs import dmc, wrappers  # noqa: E402
+
+TASK_DEFS = vp.load_task_defs()
+
+ENV_NAMES = {
+    "cartpole": "cartpole_balance", "cup": "cup_catch", "pendulum": "pendulum_swingup", "walker": "walker_walk"
+}
+
+
+def make(domain, **kwargs):
+    return dmc.make(ENV_NAMES[domain], task_defs=TASK_DEFS, **kwargs)
+
+
+def run_steps(env, steps, seed=0):
+    """Step with random actions; returns the last observation."""
+    space = env.action_space
+    rng = np.random.default_rng(seed)
+    obs = None
+    for _ in range(steps):
+        obs, reward, done, info = env.step(rng.uniform(space.low, space.high).astype(np.float32))
+        assert np.isfinite(reward)
+        if done:
+            obs = env.reset()
+    return obs
+
+
+def task_with(domain, factor):
+    return next(task_id for task_id, factors in TASK_DEFS[domain].items() if factor in (factors or {}))
+
+
+def test_task_tables_cover_every_domain_with_six_tasks():
+    assert set(TASK_DEFS) == {"cartpole", "cup", "pendulum", "walker"}
+    for domain, tasks in TASK_DEFS.items():
+        assert len(tasks) >= 6, domain
+        assert tasks[0] == {}, domain
+        for factor in ("wind", "gravity", "mass_scale"):
+            task_with(domain, factor)
+
+
+def test_make_returns_plain_env_without_task_defs_and_continual_with():
+    assert type(dmc.make("walker_walk")) is dmc.DeepMindControl
+    expected = {"cartpole_swingup": dmc.ContinualCartPole, "cup_catch": dmc.ContinualCupCatch,
+                "pendulum_swingup": dmc.ContinualPendulumSwingup, "walker_run": dmc.ContinualWalker}
+    for name, cls in expected.items():
+        env = dmc.make(name, task_defs=TASK_DEFS)
+        assert type(env) is cls and env.task_id == 0
+
+
+@pytest.mark.parametrize("domain", sorted(ENV_NAMES))
+def test_every_task_constructs_steps_and_changes_the_model(domain):
+    env = make(domain)
+    fresh = dmc.make(ENV_NAMES[domain])
+    assert env.task_ids == list(TASK_DEFS[domain])
+    for task_id in env.task_ids:
+        env.set_task(task_id)
+        env.reset()
+        obs = run_steps(env, 5)
+        assert obs["state"].shape == env.observation_space["state"].shape
+        assert np.isfinite(obs["state"]).all()
+        differing = vp.model_differences(env, fresh)
+        assert bool(differing) == bool(TASK_DEFS[domain][task_id]), (task_id, differing)
+
+
+@pytest.mark.parametrize("domain", sorted(ENV_NAMES))
+def test_baseline_restored_exactly_after_any_sequence_of_tasks(domain):
+    env = make(domain)
+    fresh = dmc.make(ENV_NAMES[domain])
+    rng = np.random.default_rng(1)
+    for task_id in rng.choice(env.task_ids, size=12):
+        env.set_task(task_id)
+        run_steps(env, 3)
+    env.set_task(0)
+    assert vp.model_differences(env, fresh) == []
+    env.reset()
+    run_steps(env, 3)
+    assert vp.model_differences(env, fresh) == []
+
+
+def test_task_survives_reset_and_the_suites_automatic_reset():
+    env = make("cartpole")
+    heavy, low_g = task_with("cartpole", "mass_scale"), task_with("cartpole", "gravity")
+    env.set_task(heavy)
+    scale = TASK_DEFS["cartpole"][heavy]["mass_scale"]
+    base = dmc.make("cartpole_balance").physics.model
+    for _ in range(3):
+        env.reset()
+        run_steps(env, 10)
+        np.testing.assert_allclose(env.physics.model.body_mass, base.body_mass * scale)
+        np.testing.assert_allclose(env.physics.model.body_inertia, base.body_inertia * scale)
+    env.set_task(low_g)
+    env.reset()
+    for _ in range(1001):  # past the 1000-step episode end: the suite resets itself on the next step
+        env.step(np.zeros(1, np.float32))
+    assert env.physics_values()["gravity"] == TASK_DEFS["cartpole"][low_g]["gravity"]
+
+
+@pytest.mark.parametrize("domain", sorted(ENV_NAMES))
+def test_wind_force_persists_after_resets(domain):
+    env = make(domain)
+    windy = task_with(domain, "wind")
+    force = TASK_DEFS[domain][windy]["wind"]
+    env.set_task(windy)
+    body = env.physics.model.name2id(env.WIND_BODY, "body")
+    for _ in range(2):
+        env.reset()
+        assert env.physics.data.xfrc_applied[body, 0] == force
+        run_steps(env, 5)
+        assert env.physics.data.xfrc_applied[body, 0] == force
+    env.set_task(0)
+    assert not env.physics.data.xfrc_applied.any()
+
+
+def test_wind_after_automatic_reset_drifts_the_cart_by_f_over_m():
+    env = make("cartpole")
+    windy = task_with("cartpole", "wind")
+    env.set_task(windy)
+    env.reset()
+    for _ in range(1001):  # the suite's own reset inside step() must re-apply the wind too
+        env.step(np.zeros(1, np.float32))
+    physics = env.physics
+    assert physics.data.xfrc_applied[physics.model.name2id("pole_1", "body"), 0] == TASK_DEFS["cartpole"][windy]["wind"]
+    rig = vp.RIGS["cartpole"]
+    physics.data.qpos[:] = [-0.5, np.pi]
+    physics.data.qvel[:] = 0
+    physics.forward()
+    xs = vp.simulate(physics, rig.window, lambda p: vp.coordinate(p, rig))
+    expected = TASK_DEFS["cartpole"][windy]["wind"] / physics.model.body_subtreemass[1]
+    assert vp.fitted_acceleration(xs, physics.timestep()) == pytest.approx(expected, rel=0.02)
+
+
+def test_subprocess_env_switches_tasks_through_wrappers():
+    ctor = functools.partial(dmc.make, "pendulum_swingup", task_defs=TASK_DEFS)
+    env = wrappers.Parallel(ctor)
+    try:
+        high_g, windy = task_with("pendulum", "gravity"), task_with("pendulum", "wind")
+        assert env.attribute("task_id") == 0
+        env.call("set_task", high_g)
+        env.reset()()
+        values = env.call("physics_values")
+        assert values["task_id"] == high_g and values["gravity"] == TASK_DEFS["pendulum"][high_g]["gravity"]
+        env.call("set_task", windy)
+        env.reset()()
+        env.step(np.zeros(1, np.float32))()
+        values = env.call("physics_values")
+        assert values["gravity"] == -9.81 and values["wind"] == TASK_DEFS["pendulum"][windy]["wind"]
+    finally:
+        env.close()
+
+
+def test_set_task_reaches_the_env_through_in_process_wrappers():
+    env = wrappers.UUID(wrappers.TimeLimit(wrappers.NormalizeActions(make("walker")), 100))
+    env.set_task(task_with("walker", "friction_scale"))
+    env.reset()
+    assert env.physics_values()["friction"] < 0.7
+    assert env.task_id == task_with("walker", "friction_scale")
+
+
+def test_bad_task_ids_and_factor_names_are_rejected_listing_the_valid_ones():
+    env = make("cup")
+    with pytest.raises(ValueError, match=r"unknown cup task id 42; valid ids: 0, 1, 2, 3, 4, 5, 6"):
+        env.set_task(42)
+    with pytest.raises(ValueError, match=r"valid ids: 0, 1"):
+        env.set_task("windy")
+    bad = {"cup": {0: {}, 1: {"gravty": -3.0}}}
+    with pytest.raises(ValueError, match=r"physics factor\(s\) gravty in cup task 1; valid factors: gravity, wind"):
+        dmc.make("cup_catch", task_defs=bad)
+    with pytest.raises(ValueError, match=r"supported domains: cartpole, cup, pendulum, walker"):
+        dmc.make("cheetah_run", task_defs=TASK_DEFS)
+    with pytest.raises(ValueError, match=r"no entry for domain 'walker'; they define: cup"):
+        dmc.make("walker_walk", task_defs=bad)
+    with pytest.raises(ValueError, match=r"valid tasks: walker_stand, walker_walk, walker_run"):
+        dmc.ContinualWalker("walker_flip", TASK_DEFS["walker"])
+
+
+def test_task_ids_may_be_strings_and_domain_may_be_spelled_ball_in_cup():
+    env = dmc.make("cup_catch", task_defs={"ball_in_cup": {"0": {}, "1": {"wind": 0.1}}})
+    env.set_task("1")
+    assert env.task_id == 1 and env.physics_values()["wind"] == 0.1
+
+
+def test_pixel_observations_of_a_continual_env():
+    env = make("cup", pixels=True)
+    env.set_task(task_with("cup", "wind"))
+    obs = env.reset()
+    assert obs["image"].shape == (64, 64, 3) and obs["image"].dtype == np.uint8
+    obs = run_steps(env, 2)
+    assert obs["image"].shape == (64, 64, 3) and obs["image"].std() > 0
+
+
+def test_verify_physics_passes_for_the_defined_tasks_and_fails_for_a_no_op(tmp_path, capsys):
+    assert vp.main([]) == 0
+    no_op = tmp_path / "defs.yaml"
+    no_op.write_text("crl_task_defs:\n  cartpole: {0: {}, 1: {friction_scale: 0.1}}\n")
+    assert vp.main(["--task-defs", str(no_op)]) == 1
+    assert "contacts disabled" in capsys.readouterr().out
+
+
+def test_measure_steps_per_second_counts_env_steps():
+    assert vp.measure_steps_per_second(make("pendulum"), n=50) > 0
+
+
+BAD_VALUES = [{"mass_scale": 0}, {"friction_scale": -1}, {"wind": "strong"}, {"joint_friction": -0.5}]
+
+
+@pytest.mark.parametrize("factors", BAD_VALUES)
+def test_bad_factor_values_are_rejected(factors):
+    with pytest.raises(ValueError, match=r"bad value for"):
+        dmc.make("cup_catch", task_defs={"cup": {0: factors}})

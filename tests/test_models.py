@@ -1,0 +1,230 @@
+"""Tests for models.py: λ-returns, world-model and actor-critic updates, return scale."""
+
+import copy
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import models  # noqa: E402
+import tools  # noqa: E402
+
+OBS_DIM, ACTION_DIM = 5, 1
+
+
+# ----------------------------------------------------------------- λ-returns
+
+
+def test_lambda_return_hand_computed_h3():
+    # one trajectory (N = 1) of H = 3 imagined steps
+    r = [1.0, 2.0, 3.0]          # rewards for arriving at steps 1, 2, 3
+    d = [0.9, 0.8, 0.5]          # discounts (γ·continue) of steps 1, 2, 3
+    v = [10.0, 20.0, 30.0, 40.0]  # values of steps 0..3
+    lam = 0.5
+    reward = torch.tensor(r)[:, None]
+    discount = torch.tensor(d)[:, None]
+    value = torch.tensor(v)[:, None]
+    returns = models.lambda_return(reward, discount=discount, value=value, lam=lam)
+    # R_2 = r3 + d3 * v3 (bootstrap at the horizon)
+    r2 = 3.0 + 0.5 * 40.0                                   # = 23
+    # R_1 = r2 + d2 * ((1-λ) v2 + λ R_2)
+    r1 = 2.0 + 0.8 * (0.5 * 30.0 + 0.5 * 23.0)               # = 23.2
+    # R_0 = r1 + d1 * ((1-λ) v1 + λ R_1)
+    r0 = 1.0 + 0.9 * (0.5 * 20.0 + 0.5 * 23.2)               # = 20.44
+    assert returns.shape == (3, 1)
+    assert returns[:, 0].tolist() == pytest.approx([r0, r1, r2], abs=1e-5)
+    assert [r0, r1, r2] == pytest.approx([20.44, 23.2, 23.0])
+
+
+def test_lambda_return_lambda_one_is_discounted_monte_carlo_with_bootstrap():
+    reward = torch.tensor([[1.0, -1.0], [2.0, 0.5], [3.0, 4.0]])   # (H=3, N=2)
+    discount = torch.tensor([[0.9, 1.0], [0.8, 0.5], [0.5, 0.25]])
+    value = torch.tensor([[7.0, 7.0], [10.0, -3.0], [20.0, 6.0], [40.0, 8.0]])
+    returns = models.lambda_return(reward, value, discount, 1.0)
+    # first column: R_0 = r1 + d1 r2 + d1 d2 r3 + d1 d2 d3 v3
+    col0 = [1.0 + 0.9 * 2.0 + 0.9 * 0.8 * 3.0 + 0.9 * 0.8 * 0.5 * 40.0,
+            2.0 + 0.8 * 3.0 + 0.8 * 0.5 * 40.0,
+            3.0 + 0.5 * 40.0]
+    col1 = [-1.0 + 1.0 * 0.5 + 1.0 * 0.5 * 4.0 + 1.0 * 0.5 * 0.25 * 8.0,
+            0.5 + 0.5 * 4.0 + 0.5 * 0.25 * 8.0,
+            4.0 + 0.25 * 8.0]
+    assert returns[:, 0].tolist() == pytest.approx(col0, abs=1e-5)
+    assert returns[:, 1].tolist() == pytest.approx(col1, abs=1e-5)
+
+
+def test_lambda_return_lambda_zero_is_one_step_td():
+    reward = torch.tensor([[1.0], [2.0], [3.0], [-4.0]])
+    discount = torch.tensor([[0.9], [0.8], [0.5], [0.0]])
+    value = torch.tensor([[0.0], [10.0], [20.0], [40.0], [99.0]])
+    returns = models.lambda_return(reward, value, discount, 0.0)
+    expected = [1.0 + 0.9 * 10.0, 2.0 + 0.8 * 20.0, 3.0 + 0.5 * 40.0, -4.0 + 0.0 * 99.0]
+    assert returns[:, 0].tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_lambda_return_value_zero_bootstrap_constant_reward():
+    # constant reward 1 with discount γ and zero values, λ = 1: a truncated geometric series
+    horizon, gamma = 15, 0.997
+    reward = torch.ones(horizon, 1)
+    discount = torch.full((horizon, 1), gamma)
+    value = torch.zeros(horizon + 1, 1)
+    returns = models.lambda_return(reward, value, discount, 1.0)
+    expected = [(1 - gamma ** (horizon - t)) / (1 - gamma) for t in range(horizon)]
+    assert returns[:, 0].tolist() == pytest.approx(expected, rel=1e-5)
+
+
+# ----------------------------------------------------------------- learners
+
+
+def debug_config(*extra):
+    config = tools.load_config(["--configs", "debug", *extra])
+    config.device = "cpu"
+    return config
+
+
+def random_batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    batch, length = config.batch_size, config.batch_length
+    is_first = np.zeros((batch, length), bool)
+    is_first[:, 0] = True
+    is_first[1, 7] = True  # an episode boundary inside a window
+    action = rng.uniform(-1, 1, (batch, length, ACTION_DIM)).astype(np.float32)
+    action[is_first] = 0.0
+    terminal = np.zeros((batch, length), bool)
+    terminal[2, -1] = True
+    return {
+        "state": rng.normal(size=(batch, length, OBS_DIM)).astype(np.float32),
+        "action": action,
+        "reward": rng.uniform(0, 1, (batch, length)).astype(np.float32),
+        "discount": (1.0 - terminal).astype(np.float32),
+        "is_first": is_first,
+        "is_last": np.zeros((batch, length), bool),
+        "is_terminal": terminal,
+    }
+
+
+def params_vector(module):
+    return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
+
+
+def make_learners(seed=0):
+    torch.manual_seed(seed)
+    config = debug_config()
+    wm = models.WorldModel({"state": (OBS_DIM,)}, ACTION_DIM, config)
+    behavior = models.ImagBehavior(config, wm, ACTION_DIM, discrete=False)
+    return config, wm, behavior
+
+
+def test_world_model_train_step_metrics_and_update():
+    config, wm, _ = make_learners()
+    data = wm.preprocess(random_batch(config))
+    assert data["cont"].shape == (config.batch_size, config.batch_length)
+    assert data["cont"][2, -1] == 0 and data["cont"][0, 0] == 1
+    before = params_vector(wm)
+    post, metrics = wm.train_step(data)
+    for key in ("model_loss", "kl", "reward_loss", "cont_loss", "state_loss", "dyn_loss", "rep_loss"):
+        assert key in metrics, key
+        assert math.isfinite(float(metrics[key])), (key, metrics[key])
+    # loss terms: free bits clamp KL terms at kl_free; NLL terms of random data are positive
+    assert float(metrics["dyn_loss"]) >= config.kl_free - 1e-6
+    assert float(metrics["rep_loss"]) >= config.kl_free - 1e-6
+    assert float(metrics["kl"]) >= 0
+    expected_total = (float(metrics["state_loss"]) + float(metrics["reward_loss"]) + float(metrics["cont_loss"])
+                      + config.dyn_scale * float(metrics["dyn_loss"]) + config.rep_scale * float(metrics["rep_loss"]))
+    assert float(metrics["model_loss"]) == pytest.approx(expected_total, rel=1e-5)
+    after = params_vector(wm)
+    assert not torch.equal(before, after)
+    assert torch.isfinite(after).all()
+    b, t = config.batch_size, config.batch_length
+    assert post["deter"].shape == (b, t, config.dyn_deter)
+    assert post["stoch"].shape == (b, t, config.dyn_stoch, config.dyn_discrete)
+
+
+def test_world_model_loss_decreases_on_a_fixed_batch():
+    config, wm, _ = make_learners(1)
+    data = wm.preprocess(random_batch(config, seed=1))
+    first = float(wm.train_step(data)[1]["model_loss"])
+    for _ in range(15):
+        last = float(wm.train_step(data)[1]["model_loss"])
+    assert last < first
+
+
+def test_imag_behavior_train_step_updates_actor_critic_and_slow_critic():
+    config, wm, behavior = make_learners(2)
+    data = wm.preprocess(random_batch(config, seed=2))
+    post, _ = wm.train_step(data)
+    start = {key: value.detach() for key, value in post.items()}
+
+    def objective(feats, actions):
+        assert feats.shape[0] == config.imag_horizon + 1 and actions.shape[0] == config.imag_horizon
+        return wm.reward(feats[1:]).mode()
+
+    actor_before = params_vector(behavior.actor)
+    slow_before = [p.detach().clone() for p in behavior.slow_critic.parameters()]
+    critic_before = params_vector(behavior.critic)
+    assert torch.equal(critic_before, params_vector(behavior.slow_critic))
+    wm_before = params_vector(wm)
+    metrics = behavior.train_step(start, objective)
+    for key in ("actor_loss", "critic_loss"):
+        assert key in metrics and math.isfinite(float(metrics[key])), key
+    assert not torch.equal(actor_before, params_vector(behavior.actor))
+    critic_after = params_vector(behavior.critic)
+    assert not torch.equal(critic_before, critic_after)
+    # the actor-critic update leaves the world model alone
+    assert torch.equal(wm_before, params_vector(wm))
+    # slow critic: one EMA step of fraction f toward the updated critic
+    frac = config.critic.slow_target_fraction
+    for old, new, fast in zip(slow_before, behavior.slow_critic.parameters(), behavior.critic.parameters()):
+        assert torch.allclose(new, old + frac * (fast.detach() - old), atol=1e-7)
+    slow_after = params_vector(behavior.slow_critic)
+    assert not torch.equal(slow_after, critic_before)
+    assert (slow_after - critic_after).norm() < (critic_before - critic_after).norm()
+    assert not any(p.requires_grad for p in behavior.slow_critic.parameters())
+    assert int(behavior.updates) == 1
+
+
+def test_slow_critic_tracks_critic_over_updates():
+    config, wm, behavior = make_learners(3)
+    data = wm.preprocess(random_batch(config, seed=3))
+    post, _ = wm.train_step(data)
+    start = {key: value.detach() for key, value in post.items()}
+    objective = lambda feats, actions: torch.ones(feats.shape[0] - 1, feats.shape[1])  # noqa: E731
+    behavior.train_step(start, objective)
+    # freeze the critic afterwards: the slow copy must converge to it geometrically
+    behavior.critic_opt.opt.param_groups[0]["lr"] = 0.0
+    behavior.actor_opt.opt.param_groups[0]["lr"] = 0.0
+    gap0 = (params_vector(behavior.slow_critic) - params_vector(behavior.critic)).norm()
+    for _ in range(5):
+        behavior.train_step(start, objective)
+    gap5 = (params_vector(behavior.slow_critic) - params_vector(behavior.critic)).norm()
+    frac = config.critic.slow_target_fraction
+    assert float(gap5) == pytest.approx(float(gap0) * (1 - frac) ** 5, rel=1e-3)
+
+
+# ----------------------------------------------------------------- return scale
+
+
+def test_return_range_converges_to_percentiles_and_scale_at_least_one():
+    config, _, behavior = make_learners(4)
+    decay = config.return_norm_decay
+    returns = torch.linspace(0.0, 100.0, 10001).reshape(-1, 1)  # P5 = 5, P95 = 95
+    scale = behavior.update_return_scale(returns)
+    # first EMA step from (0, 0): (1 - decay) * (5, 95)
+    assert behavior.return_range.tolist() == pytest.approx([(1 - decay) * 5.0, (1 - decay) * 95.0], rel=1e-4)
+    assert float(scale) == pytest.approx(1.0)  # 0.9 < 1 -> clamped
+    for _ in range(1999):
+        scale = behavior.update_return_scale(returns)
+    factor = 1 - decay ** 2000
+    assert behavior.return_range.tolist() == pytest.approx([5.0 * factor, 95.0 * factor], rel=1e-3)
+    assert float(scale) == pytest.approx(90.0, rel=1e-3)
+    # small spread: the scale never goes below 1
+    _, _, fresh = make_learners(5)
+    for _ in range(300):
+        small = fresh.update_return_scale(torch.linspace(2.0, 2.5, 101).reshape(-1, 1))
+    assert float(small) == 1.0
+    assert fresh.return_range.tolist() == pytest.approx([2.025, 2.475], rel=0.1)

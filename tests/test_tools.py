@@ -1,0 +1,380 @@
+"""Tests for tools.py: config loading and errors, replay, driver, checkpoints."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import tools  # noqa: E402
+from envs import wrappers  # noqa: E402
+
+
+# ----------------------------------------------------------------- config
+
+
+def test_defaults_load_with_expected_types():
+    config = tools.load_config([])
+    raw = tools.read_yaml(pathlib.Path(ROOT) / "configs.yaml")["defaults"]
+    for key, value in raw.items():
+        assert key in config, key
+    assert config.batch_size == raw["batch_size"] and isinstance(config.batch_size, int)
+    assert isinstance(config.model_lr, float)
+    assert config.encoder.mlp_units == raw["encoder"]["mlp_units"]
+    assert config.configs == []
+    # DreamerV3-torch key names exist
+    for key in ("train_ratio", "action_repeat", "prefill", "envs", "dyn_deter", "dyn_stoch", "dyn_discrete",
+                "units", "batch_size", "batch_length", "eval_every", "eval_episode_num", "dataset_size",
+                "precision", "video_pred_log"):
+        assert key in config, key
+
+
+def test_required_blocks_load():
+    for block in ("dmc_proprio", "dmc_vision", "vision", "small", "debug"):
+        config = tools.load_config(["--configs", block])
+        assert config.configs == [block]
+    assert tools.load_config(["--configs", "vision"]).pixels is True
+
+
+def test_blocks_merge_left_to_right_later_wins():
+    blocks = tools.read_yaml(pathlib.Path(ROOT) / "configs.yaml")
+    small_debug = tools.load_config(["--configs", "small", "debug"])
+    debug_small = tools.load_config(["--configs", "debug", "small"])
+    assert small_debug.dyn_deter == blocks["debug"]["dyn_deter"]
+    assert debug_small.dyn_deter == blocks["small"]["dyn_deter"]
+    assert small_debug.precision == blocks["debug"]["precision"]
+    assert debug_small.precision == blocks["small"]["precision"]
+    # keys set by only one block survive, whatever the order
+    assert debug_small.steps == blocks["debug"]["steps"]
+    # nested blocks merge per leaf: untouched leaves keep their defaults
+    assert debug_small.encoder.mlp_units == blocks["small"]["encoder"]["mlp_units"]
+    assert small_debug.encoder.mlp_units == blocks["debug"]["encoder"]["mlp_units"]
+    assert debug_small.encoder.symlog_inputs == blocks["defaults"]["encoder"]["symlog_inputs"]
+    assert small_debug.encoder.kernel_size == blocks["defaults"]["encoder"]["kernel_size"]
+    assert small_debug.configs == ["small", "debug"]
+
+
+def test_cli_overrides_with_types():
+    config = tools.load_config(["--configs", "debug", "--batch_size", "7", "--encoder.mlp_units", "64",
+                                "--model_lr", "3e-4", "--pixels", "True", "--size", "[32,32]",
+                                "--discount", "1", "--task", "dmc_cartpole_balance"])
+    assert config.batch_size == 7 and type(config.batch_size) is int
+    assert config.encoder.mlp_units == 64 and type(config.encoder.mlp_units) is int
+    assert config.model_lr == pytest.approx(3e-4) and type(config.model_lr) is float
+    assert config.pixels is True
+    assert config.size == [32, 32]
+    assert config.discount == 1.0 and type(config.discount) is float
+    assert config.task == "dmc_cartpole_balance"
+    # CLI overrides apply after every block
+    assert tools.load_config(["--configs", "debug", "--dyn_deter", "48"]).dyn_deter == 48
+    assert tools.load_config(["--dyn_deter", "48", "--configs", "debug"]).dyn_deter == 48
+    # bf16 and integer precisions
+    assert tools.load_config(["--precision", "bf16"]).precision == "bf16"
+    assert tools.load_config(["--precision", "16"]).precision == 16
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(tools.ConfigError) as info:
+        tools.load_config(["--bach_size", "4"])
+    assert "bach_size" in str(info.value) and "batch_size" in str(info.value)
+    with pytest.raises(tools.ConfigError) as info:
+        tools.load_config(["--encoder.mlp_unit", "4"])
+    assert "mlp_units" in str(info.value)
+    with pytest.raises(tools.ConfigError) as info:
+        tools.load_config(["--encodr.mlp_units", "4"])
+    assert "encoder" in str(info.value)
+
+
+def test_unknown_block_suggests_closest():
+    with pytest.raises(tools.ConfigError) as info:
+        tools.load_config(["--configs", "dmc_propio"])
+    message = str(info.value)
+    assert "dmc_propio" in message and "dmc_proprio" in message
+    with pytest.raises(tools.ConfigError):
+        tools.load_config(["--configs", "defaults"])
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--batch_size", "abc"], "batch_size"),
+    (["--batch_size", "2.5"], "batch_size"),
+    (["--precision", "8"], "precision"),
+    (["--pixels", "maybe"], "pixels"),
+    (["--model_lr", "fast"], "model_lr"),
+    (["--encoder.mlp_units", "[1, 2]"], "mlp_units"),
+])
+def test_ill_typed_values_are_errors(argv, key):
+    with pytest.raises(tools.ConfigError) as info:
+        tools.load_config(argv)
+    assert key in str(info.value)
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--steps", "-1"], "steps"),
+    (["--batch_size", "0"], "batch_size"),
+    (["--batch_length", "1000"], "batch_length"),  # 1000 * action_repeat 2 > time_limit 1000
+    (["--envs", "0"], "envs"),
+])
+def test_impossible_values_are_errors(argv, key):
+    with pytest.raises(tools.ConfigError) as info:
+        tools.load_config(argv)
+    assert key in str(info.value)
+
+
+def test_batch_length_that_fits_the_episode_is_accepted():
+    # time_limit 1000 env steps / action_repeat 2 = 500 agent steps per episode
+    assert tools.load_config(["--batch_length", "500"]).batch_length == 500
+
+
+def test_default_logdir_names_task_blocks_llcd_and_seed():
+    config = tools.load_config(["--configs", "debug", "--task", "dmc_cartpole_balance", "--seed", "3"])
+    logdir = pathlib.Path(tools.default_logdir(config))
+    assert logdir.parent.name == "logdir"
+    assert logdir.name == "dmc_cartpole_balance-debug-llcdFalse-seed3"
+
+
+def test_cli_error_is_one_line_without_traceback():
+    result = subprocess.run([sys.executable, "dreamer.py", "--bach_size", "4"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:")
+    assert "batch_size" in lines[0]
+
+
+# ----------------------------------------------------------------- replay
+
+
+def store_episode(replay, episode_id, length, env_index=0):
+    """Store a synthetic episode of ``length`` transitions whose 'ep' key is its number."""
+    number = int(episode_id[2:])
+    for t in range(length):
+        replay.add_step(env_index, {
+            "state": np.full(3, number * 1000 + t, np.float32),
+            "ep": np.int64(number), "t": np.int64(t),
+            "action": np.zeros(2, np.float32), "reward": np.float32(t),
+            "is_first": t == 0, "discount": np.float32(1.0),
+        })
+    return replay.finish(env_index, episode_id)
+
+
+def files_on_disk(directory):
+    return sorted(path.stem for path in pathlib.Path(directory).glob("*.npz"))
+
+
+def test_replay_sample_shapes_and_windows_stay_inside_episodes(tmp_path):
+    replay = tools.Replay(tmp_path / "eps", capacity=10_000, seed=1)
+    lengths = {"ep000": 12, "ep001": 7, "ep002": 30, "ep003": 3}
+    for name, length in lengths.items():
+        store_episode(replay, name, length)
+    batch = replay.sample(64, 6)
+    assert set(batch) == {"state", "ep", "t", "action", "reward", "is_first", "discount"}
+    for key, value in batch.items():
+        assert value.shape[:2] == (64, 6), key
+    assert batch["state"].shape == (64, 6, 3) and batch["action"].shape == (64, 6, 2)
+    # one episode per window, consecutive steps
+    assert np.all(batch["ep"] == batch["ep"][:, :1])
+    assert np.all(np.diff(batch["t"], axis=1) == 1)
+    assert np.all(batch["state"][..., 0] == batch["ep"] * 1000 + batch["t"])
+    # the 3-step episode cannot hold a 6-step window
+    assert 3 not in set(batch["ep"].flatten().tolist())
+    assert np.all(batch["is_first"] == (batch["t"] == 0))
+    # windows are spread over episodes in proportion to their number of windows (7, 2, 25)
+    big = tools.Replay(None, capacity=10_000, seed=2)
+    for name, length in lengths.items():
+        store_episode(big, name, length)
+    picks = big.sample(6800, 6)["ep"][:, 0]
+    shares = np.array([(picks == e).mean() for e in (0, 1, 2)])
+    assert shares == pytest.approx(np.array([7, 2, 25]) / 34, abs=0.03)
+
+
+def test_replay_fifo_eviction_keeps_capacity_and_mirrors_disk(tmp_path):
+    directory = tmp_path / "eps"
+    replay = tools.Replay(directory, capacity=25, seed=0)
+    for index in range(6):
+        store_episode(replay, f"ep{index:03d}", 10)
+        assert replay.num_steps <= 25
+        assert replay.num_steps == sum(len(ep["reward"]) for ep in replay.episodes.values())
+        assert files_on_disk(directory) == sorted(replay.episodes)
+    # only the newest episodes remain: 2 x 10 steps
+    assert sorted(replay.episodes) == ["ep004-10", "ep005-10"]
+    assert replay.num_steps == 20 and replay.num_episodes == 2
+
+
+def test_replay_load_after_restart_restores_episodes(tmp_path):
+    directory = tmp_path / "eps"
+    first = tools.Replay(directory, capacity=1000)
+    for index, length in enumerate([5, 9, 4]):
+        store_episode(first, f"ep{index:03d}", length)
+    second = tools.Replay(directory, capacity=1000).load()
+    assert list(second.episodes) == list(first.episodes)
+    assert second.num_steps == first.num_steps == 18
+    for name, episode in first.episodes.items():
+        assert set(second.episodes[name]) == set(episode)
+        for key, value in episode.items():
+            np.testing.assert_array_equal(second.episodes[name][key], value)
+    # a smaller capacity on restart evicts the oldest first, on disk too
+    third = tools.Replay(directory, capacity=13).load()
+    assert list(third.episodes) == ["ep001-9", "ep002-4"]
+    assert files_on_disk(directory) == ["ep001-9", "ep002-4"]
+
+
+def test_replay_load_skips_corrupt_file_with_warning(tmp_path):
+    directory = tmp_path / "eps"
+    first = tools.Replay(directory, capacity=1000)
+    store_episode(first, "ep000", 5)
+    store_episode(first, "ep002", 6)
+    (directory / "ep001-7.npz").write_bytes(b"this is not a zip file")
+    with pytest.warns(UserWarning, match="ep001-7"):
+        second = tools.Replay(directory, capacity=1000).load()
+    assert list(second.episodes) == ["ep000-5", "ep002-6"]
+    assert second.num_steps == 11
+
+
+def test_replay_sample_without_long_enough_episode_is_a_clear_error(tmp_path):
+    replay = tools.Replay(None, capacity=100)
+    store_episode(replay, "ep000", 3)
+    with pytest.raises(RuntimeError, match="batch_length|steps"):
+        replay.sample(2, 10)
+
+
+# ----------------------------------------------------------------- driver
+
+
+class CountingEnv:
+    """Episodes of fixed ``length``; reward t at step t; terminal at the end if ``terminal``."""
+
+    def __init__(self, name, length, terminal=False):
+        self.name, self.length, self.terminal = name, length, terminal
+        self.action_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+        self.id, self.episodes, self.actions = None, 0, []
+
+    def obs(self, first, last):
+        return {"state": np.array([self.t], np.float32), "is_first": first, "is_last": last,
+                "is_terminal": last and self.terminal}
+
+    def reset(self):
+        self.t, self.episodes = 0, self.episodes + 1
+        self.id = f"{self.name}-{self.episodes:03d}"
+        return self.obs(True, False)
+
+    def step(self, action):
+        self.actions.append(np.array(action))
+        self.t += 1
+        done = self.t >= self.length
+        discount = np.float32(0.0 if done and self.terminal else 1.0)
+        return self.obs(False, done), float(self.t), done, {"discount": discount}
+
+
+def test_driver_two_envs_episodes_transitions_and_returns(tmp_path):
+    envs = [wrappers.InProcess(CountingEnv("a", 3, terminal=True)), wrappers.InProcess(CountingEnv("b", 5))]
+    replay = tools.Replay(tmp_path / "eps", capacity=1000)
+    driver = tools.Driver(envs, replay)
+    calls, finished = [], []
+
+    def policy(obs, state):
+        assert obs["state"].shape == (2, 1) and obs["is_first"].shape == (2,)
+        calls.append(obs["is_first"].copy())
+        count = 0 if state is None else state
+        return np.full((2, 2), 0.5, np.float32) * np.array([[1.0], [-1.0]], np.float32), count + 1
+
+    driver.run(policy, episodes=4, on_episode=lambda ret, length, ep: finished.append((ret, length, ep)))
+    # env a ends at steps 3, 6, 9; env b at 5: the 4th episode ends at step 9
+    assert len(calls) == 9
+    assert driver.state == 9
+    assert len(finished) == 4
+    assert sorted(f[:2] for f in finished) == sorted([(6.0, 3), (6.0, 3), (6.0, 3), (15.0, 5)])
+    assert replay.num_episodes == 4
+    assert sorted(replay.episodes) == ["a-001-4", "a-002-4", "a-003-4", "b-001-6"]
+    episode = replay.episodes["b-001-6"]
+    assert episode["is_first"].tolist() == [True] + [False] * 5
+    np.testing.assert_array_equal(episode["action"][0], np.zeros(2, np.float32))
+    np.testing.assert_allclose(episode["action"][1:], np.full((5, 2), -0.5))
+    np.testing.assert_allclose(episode["reward"], [0, 1, 2, 3, 4, 5])
+    assert episode["reward"].sum() == pytest.approx(15.0)
+    np.testing.assert_allclose(episode["state"][:, 0], np.arange(6))
+    assert episode["is_last"].tolist() == [False] * 5 + [True]
+    a_episode = replay.episodes["a-001-4"]
+    assert a_episode["discount"].tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert a_episode["is_terminal"].tolist() == [False, False, False, True]
+    # the stored return (sum of rewards) equals the reported return
+    for ret, length, stored in finished:
+        assert stored["reward"].sum() == pytest.approx(ret)
+        assert len(stored["reward"]) == length + 1
+    # the policy saw is_first exactly on the first step of each episode
+    assert calls[0].tolist() == [True, True]
+    assert calls[3].tolist() == [True, False] and calls[5].tolist() == [False, True]
+    # the driver keeps unfinished episodes across calls: b's 2nd episode (4 steps so far)
+    # ends in the next call with all its transitions, a's 4th episode starts
+    driver.run(policy, steps=2)
+    assert "b-002-6" in replay.episodes
+    np.testing.assert_allclose(replay.episodes["b-002-6"]["reward"], [0, 1, 2, 3, 4, 5])
+    assert replay.episodes["b-002-6"]["is_first"].tolist() == [True] + [False] * 5
+    assert envs[0].env.episodes == 4 and len(replay.ongoing[0]["reward"]) == 2
+
+
+def test_driver_steps_count_all_envs():
+    envs = [wrappers.InProcess(CountingEnv(name, 100)) for name in ("a", "b")]
+    driver = tools.Driver(envs)
+    counted = []
+    driver.run(lambda obs, state: (np.zeros((2, 2), np.float32), None), steps=10, on_step=counted.append)
+    assert sum(counted) == 10
+    assert all(len(env.env.actions) == 5 for env in envs)
+
+
+# ----------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip(tmp_path):
+    path = tmp_path / "latest.pt"
+    model = torch.nn.Linear(3, 2)
+    payload = {"agent": model.state_dict(), "agent_step": 123, "nested": {"a": [1, 2.5, "x"]},
+               "array": np.arange(6).reshape(2, 3), "rng": tools.rng_states()}
+    tools.save_checkpoint(path, payload)
+    loaded = tools.load_checkpoint(path, "cpu")
+    assert loaded["agent_step"] == 123 and loaded["nested"] == {"a": [1, 2.5, "x"]}
+    np.testing.assert_array_equal(loaded["array"], payload["array"])
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded["agent"][key], value)
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]  # no temp file left
+    # restoring the rng states replays the same random numbers
+    tools.set_rng_states(loaded["rng"])
+    first = (np.random.rand(), torch.rand(3))
+    tools.set_rng_states(loaded["rng"])
+    second = (np.random.rand(), torch.rand(3))
+    assert first[0] == second[0] and torch.equal(first[1], second[1])
+
+
+def test_checkpoint_overwrite_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "latest.pt"
+    tools.save_checkpoint(path, {"version": 1})
+    tools.save_checkpoint(path, {"version": 2})
+    assert tools.load_checkpoint(path, "cpu")["version"] == 2
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        tools.save_checkpoint(path, {"version": 3})
+    monkeypatch.undo()
+    # a crash while writing leaves the previous checkpoint intact and loadable
+    assert tools.load_checkpoint(path, "cpu")["version"] == 2
+
+
+def test_atomic_write_bytes_replaces_content(tmp_path):
+    path = tmp_path / "file.bin"
+    tools.atomic_write_bytes(path, b"old")
+    tools.atomic_write_bytes(path, b"new content")
+    assert path.read_bytes() == b"new content"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
+    tools.atomic_write_bytes(str(path), b"as str")
+    assert path.read_bytes() == b"as str"

@@ -1,0 +1,558 @@
+"""Infrastructure shared by the agent: config loading, logging, replay,
+the environment driver, optimisers, precision, checkpoints and seeding.
+
+Config: ``configs.yaml`` holds ``defaults`` and named blocks; ``--configs a b``
+merges blocks left to right, then ``--key value`` / ``--block.key value``
+overrides any leaf. Every key must exist in ``defaults`` and keep its type;
+mistakes raise ``ConfigError`` naming the key and the closest valid one.
+
+Replay: complete episodes live in memory and as ``<id>-<length>.npz`` files
+in the run's ``train_eps`` folder (written atomically); the files on disk
+always mirror the episodes in memory. Eviction keeps at most
+``dataset_size`` steps (oldest episode first).
+"""
+
+import contextlib
+import difflib
+import io
+import json
+import os
+import pathlib
+import random
+import sys
+import time
+import warnings
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from ruamel.yaml import YAML
+
+ROOT = pathlib.Path(__file__).resolve().parent
+CHOICES = {
+    "precision": (32, 16, "bf16"),
+    "expl_behavior": ("greedy", "random", "plan2explore"),
+    "imag_gradient": ("dynamics", "reinforce"),
+    "disag_target": ("stoch", "deter", "feat", "embed"),
+}
+
+
+# ----------------------------------------------------------------- config
+
+
+class ConfigError(Exception):
+    """A bad config: the message names the key and the fix."""
+
+
+class Config(dict):
+    """Dict with attribute access; nested dicts become Configs."""
+
+    def __init__(self, data=()):
+        super().__init__({k: Config(v) if isinstance(v, dict) else v for k, v in dict(data).items()})
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+    def to_dict(self):
+        return {k: v.to_dict() if isinstance(v, Config) else v for k, v in self.items()}
+
+
+def read_yaml(path):
+    with open(path) as f:
+        return YAML(typ="safe").load(f)
+
+
+def write_yaml(data, path):
+    stream = io.StringIO()
+    yaml = YAML(typ="safe")
+    yaml.default_flow_style = False
+    yaml.dump(data, stream)
+    atomic_write_bytes(path, stream.getvalue().encode())
+
+
+def suggest(name, options):
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def parse_args(argv):
+    """Split argv into the block names after --configs and (key, raw value) overrides."""
+    blocks, overrides, index = [], [], 0
+    while index < len(argv):
+        arg = argv[index]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}': use --key value")
+        key = arg[2:].replace("-", "_") if arg[2:] not in ("configs",) else "configs"
+        values = []
+        while index + 1 < len(argv) and not argv[index + 1].startswith("--"):
+            index += 1
+            values.append(argv[index])
+        if key == "configs":
+            blocks += values
+        elif len(values) != 1:
+            raise ConfigError(f"--{key} needs exactly one value, got {len(values)}")
+        else:
+            overrides.append((key, values[0]))
+        index += 1
+    return blocks, overrides
+
+
+def merge(base, update, where):
+    """Recursively merge ``update`` into a copy of ``base``; unknown keys are errors."""
+    out = dict(base)
+    for key, value in update.items():
+        if key == "crl_task_defs":
+            out[key] = merge_open(base[key], value)
+            continue
+        if key not in base:
+            raise ConfigError(f"unknown key '{where}{key}'{suggest(key, base)}")
+        if isinstance(base[key], dict) and isinstance(value, dict) and base[key]:
+            out[key] = merge(base[key], value, f"{where}{key}.")
+        else:
+            out[key] = check_type(f"{where}{key}", base[key], value)
+    return out
+
+
+def merge_open(base, update):
+    """Recursive merge that accepts new keys (task tables: new ids, new domains)."""
+    out = dict(base)
+    for key, value in update.items():
+        both_dicts = isinstance(out.get(key), dict) and isinstance(value, dict)
+        out[key] = merge_open(out[key], value) if both_dicts else value
+    return out
+
+
+def check_type(name, default, value):
+    """Return ``value`` if it fits the type of ``default``; raise ConfigError otherwise."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in CHOICES:
+        if value not in CHOICES[leaf]:
+            raise ConfigError(f"'{name}' must be one of {list(CHOICES[leaf])}, got {value!r}")
+        return value
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        if not (isinstance(default, bool) and isinstance(value, bool)):
+            raise ConfigError(f"'{name}' must be {type(default).__name__}, got {value!r}")
+        return value
+    if isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, type(default)):
+        raise ConfigError(f"'{name}' must be {type(default).__name__}, got {value!r}")
+    return value
+
+
+def parse_value(raw):
+    """CLI strings are read as YAML scalars/lists: 'True', '1e-4', '[0, 1]', 'bf16'."""
+    try:
+        return YAML(typ="safe").load(raw)
+    except Exception:  # noqa: BLE001 - not YAML: keep the raw string
+        return raw
+
+
+def apply_override(config, key, raw):
+    parts = key.split(".")
+    node, where = config, ""
+    for part in parts[:-1]:
+        if part not in node or not isinstance(node[part], dict):
+            raise ConfigError(f"unknown key '{where}{part}'{suggest(part, node)}")
+        node, where = node[part], f"{where}{part}."
+    leaf = parts[-1]
+    if leaf not in node:
+        raise ConfigError(f"unknown key '--{where}{leaf}'{suggest(leaf, node)}")
+    node[leaf] = check_type(f"{where}{leaf}", node[leaf], parse_value(raw))
+
+
+def load_config(argv, path=ROOT / "configs.yaml"):
+    """Compose defaults, the --configs blocks and the --key overrides into a Config."""
+    blocks_file = read_yaml(path)
+    blocks, overrides = parse_args(argv)
+    config = dict(blocks_file["defaults"])
+    for name in blocks:
+        if name == "defaults" or name not in blocks_file:
+            valid = [b for b in blocks_file if b != "defaults"]
+            raise ConfigError(f"unknown config block '{name}'{suggest(name, valid)}; blocks: {', '.join(valid)}")
+        config = merge(config, blocks_file[name], "")
+    for key, raw in overrides:
+        apply_override(config, key, raw)
+    config["configs"] = blocks
+    validate(config)
+    return Config(config)
+
+
+def validate(config):
+    """Reject impossible values before anything runs."""
+    positive = ["steps", "batch_size", "batch_length", "train_ratio", "envs", "action_repeat",
+                "eval_every", "log_every", "dataset_size", "imag_horizon"]
+    for key in positive:
+        if config[key] <= 0:
+            raise ConfigError(f"'{key}' must be > 0, got {config[key]}")
+    if config["prefill"] < 0 or config["eval_episode_num"] < 0:
+        raise ConfigError("'prefill' and 'eval_episode_num' must be >= 0")
+    if not config["task"].startswith("dmc_"):
+        raise ConfigError(f"task '{config['task']}' is not supported: use a DMC task such as 'dmc_walker_walk'")
+    if config["batch_length"] * config["action_repeat"] > config["time_limit"]:
+        raise ConfigError(f"batch_length {config['batch_length']} exceeds the episode length "
+                          f"({config['time_limit']} // action_repeat {config['action_repeat']}); lower batch_length")
+
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' requested but CUDA is not available; use --device cpu")
+    return name
+
+
+def default_logdir(config):
+    blocks = "-".join(config.configs) or "defaults"
+    llcd = config.get("llcd", False)
+    return ROOT / "logdir" / f"{config.task}-{blocks}-llcd{llcd}-seed{config.seed}"
+
+
+# ----------------------------------------------------------------- files
+
+
+def atomic_write_bytes(path, data):
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, payload):
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path, device):
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+# ----------------------------------------------------------------- logging
+
+
+class Logger:
+    """Scalars and videos to TensorBoard, ``metrics.jsonl`` and the console.
+
+    On resume, rows of ``metrics.jsonl`` newer than the restored step are
+    dropped (and TensorBoard purges them) so nothing is logged twice.
+    """
+
+    def __init__(self, logdir, step=0):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.logdir = pathlib.Path(logdir)
+        self.step = step
+        self.metrics_path = self.logdir / "metrics.jsonl"
+        self.drop_rows_after(step)
+        self.writer = SummaryWriter(str(self.logdir), purge_step=step or None, max_queue=1000)
+        self.scalars, self.videos = {}, {}
+
+    def drop_rows_after(self, step):
+        if not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step", 0) <= step:
+                kept.append(line)
+        atomic_write_bytes(self.metrics_path, "".join(f"{line}\n" for line in kept).encode())
+
+    def scalar(self, name, value):
+        self.scalars[name] = float(value)
+
+    def video(self, name, frames):
+        self.videos[name] = np.asarray(frames)
+
+    def write(self, step=None, console=True):
+        step = self.step if step is None else step
+        if self.scalars:
+            for name, value in self.scalars.items():
+                self.writer.add_scalar(name, value, step)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps({"step": step, **self.scalars}) + "\n")
+            if console:
+                text = " / ".join(f"{k} {v:.4g}" for k, v in self.scalars.items())
+                print(f"[{step}] {text}", flush=True)
+        for name, frames in self.videos.items():
+            self.add_gif(name, frames, step)
+        self.writer.flush()
+        self.scalars, self.videos = {}, {}
+
+    def add_gif(self, name, frames, step, fps=16):
+        """frames: (T, H, W, C) or (B, T, H, W, C) uint8; a batch is tiled side by side."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        if frames.ndim == 5:
+            frames = np.concatenate(list(frames), axis=2)
+        data = encode_gif(frames, fps)
+        image = Summary.Image(height=frames.shape[1], width=frames.shape[2], colorspace=frames.shape[3],
+                              encoded_image_string=data)
+        self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=name, image=image)]), step)
+
+    def close(self):
+        self.writer.close()
+
+
+def encode_gif(frames, fps):
+    from PIL import Image
+
+    images = [Image.fromarray(frame.squeeze(-1) if frame.shape[-1] == 1 else frame) for frame in frames]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return buffer.getvalue()
+
+
+class Progress:
+    """Progress bar over agent steps with env steps/s, updates/s and ETA."""
+
+    def __init__(self, desc, total, initial, action_repeat):
+        from tqdm import tqdm
+
+        interactive = sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                        mininterval=0.5 if interactive else 30, smoothing=0.05)
+        self.action_repeat = action_repeat
+        self.start, self.start_updates, self.start_steps = time.time(), 0, initial
+
+    def update(self, steps, updates=None):
+        self.bar.update(steps)
+        elapsed = max(time.time() - self.start, 1e-6)
+        done = self.bar.n - self.start_steps
+        postfix = {"env_sps": f"{done * self.action_repeat / elapsed:.0f}"}
+        if updates is not None:
+            postfix["upd/s"] = f"{(updates - self.start_updates) / elapsed:.2f}"
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def mark_updates(self, updates):
+        self.start_updates = updates
+
+    def close(self):
+        self.bar.close()
+
+
+# ----------------------------------------------------------------- replay
+
+
+class Replay:
+    """Episode replay with on-disk mirror and FIFO eviction (capacity in steps)."""
+
+    def __init__(self, directory, capacity, seed=0):
+        """``directory`` None keeps episodes in memory only (e.g. for eval videos)."""
+        self.directory = pathlib.Path(directory) if directory is not None else None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self.capacity = capacity
+        self.episodes = OrderedDict()  # name -> {key: (L, ...) array}
+        self.ongoing = {}  # env index -> {key: [values]}
+        self.rng = np.random.default_rng(seed)
+        self.num_steps = 0  # steps stored now
+
+    def load(self):
+        """Read every episode file (oldest first); unreadable files are skipped with a warning."""
+        for path in sorted(self.directory.glob("*.npz")):
+            try:
+                with np.load(path) as data:
+                    episode = {key: data[key] for key in data.files}
+            except Exception as error:  # noqa: BLE001 - any corruption: skip the file, keep going
+                warnings.warn(f"skipping unreadable episode {path.name}: {error}")
+                continue
+            self.episodes[path.stem] = episode
+            self.num_steps += episode_length(episode)
+        self.evict()
+        return self
+
+    @property
+    def num_episodes(self):
+        return len(self.episodes)
+
+    def add_step(self, env_index, transition):
+        episode = self.ongoing.setdefault(env_index, {})
+        for key, value in transition.items():
+            episode.setdefault(key, []).append(value)
+
+    def finish(self, env_index, episode_id):
+        """Close env ``env_index``'s episode: store it in memory and on disk."""
+        episode = {key: np.stack(values) for key, values in self.ongoing.pop(env_index).items()}
+        length = episode_length(episode)
+        name = f"{episode_id}-{length}"
+        if self.directory is not None:
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, **episode)
+            atomic_write_bytes(self.directory / f"{name}.npz", buffer.getvalue())
+        self.episodes[name] = episode
+        self.num_steps += length
+        self.evict()
+        return episode
+
+    def evict(self):
+        while self.num_steps > self.capacity and len(self.episodes) > 1:
+            name, episode = self.episodes.popitem(last=False)
+            self.num_steps -= episode_length(episode)
+            if self.directory is not None:
+                (self.directory / f"{name}.npz").unlink(missing_ok=True)
+
+    def sample(self, batch, length):
+        """Uniform over all length-``length`` windows inside stored episodes -> {key: (B, T, ...)}."""
+        episodes = [ep for ep in self.episodes.values() if episode_length(ep) >= length]
+        if not episodes:
+            raise RuntimeError(f"no stored episode has {length} steps yet; lower batch_length or prefill more")
+        windows = np.array([episode_length(ep) - length + 1 for ep in episodes], dtype=np.float64)
+        picks = self.rng.choice(len(episodes), size=batch, p=windows / windows.sum())
+        starts = [self.rng.integers(0, windows[i]) for i in picks]
+        keys = episodes[0].keys()
+        return {key: np.stack([episodes[i][key][s:s + length] for i, s in zip(picks, starts)]) for key in keys}
+
+
+def episode_length(episode):
+    return len(episode["reward"])
+
+
+# ----------------------------------------------------------------- driver
+
+
+class Driver:
+    """Steps N environments with a batched policy and records transitions.
+
+    Keeps each env's current observation and the policy state between calls,
+    so training can alternate with evaluation without cutting episodes.
+    A stored transition holds obs_t, the action that led to it, and r_t.
+    """
+
+    def __init__(self, envs, replay=None):
+        self.envs = envs
+        self.replay = replay
+        self.obs = [None] * len(envs)
+        self.returns = np.zeros(len(envs))
+        self.lengths = np.zeros(len(envs), dtype=np.int64)
+        self.state = None
+
+    def reset_envs(self, indices):
+        promises = [(i, self.envs[i].reset()) for i in indices]
+        for i, promise in promises:
+            obs = promise()
+            self.obs[i] = obs
+            self.returns[i], self.lengths[i] = 0.0, 0
+            self.record(i, obs, np.zeros(self.envs[i].action_space.shape, np.float32), 0.0, 1.0)
+
+    def record(self, index, obs, action, reward, discount):
+        if self.replay is not None:
+            self.replay.add_step(index, {**obs, "action": action, "reward": np.float32(reward),
+                                         "discount": np.float32(discount)})
+
+    def run(self, policy, steps=0, episodes=0, on_step=None, on_episode=None):
+        """Run until ``steps`` agent steps (summed over envs) or ``episodes`` episodes end."""
+        step = episode = 0
+        while (steps and step < steps) or (episodes and episode < episodes):
+            needs_reset = [i for i, obs in enumerate(self.obs) if obs is None]
+            if needs_reset:
+                self.reset_envs(needs_reset)
+            batch = {key: np.stack([obs[key] for obs in self.obs]) for key in self.obs[0]}
+            actions, self.state = policy(batch, self.state)  # (N, A)
+            promises = [env.step(action) for env, action in zip(self.envs, actions)]
+            for index, promise in enumerate(promises):
+                obs, reward, done, info = promise()
+                self.obs[index] = obs
+                self.returns[index] += reward
+                self.lengths[index] += 1
+                self.record(index, obs, actions[index], reward, info.get("discount", 1.0))
+                if done:
+                    episode += 1
+                    self.end_episode(index, on_episode)
+            step += len(self.envs)
+            if on_step:
+                on_step(len(self.envs))
+
+    def end_episode(self, index, on_episode):
+        stored = self.replay.finish(index, self.envs[index].id) if self.replay is not None else None
+        if on_episode:
+            on_episode(self.returns[index], int(self.lengths[index]), stored)
+        self.obs[index] = None
+
+
+# ----------------------------------------------------------------- optimisation
+
+
+class Optimizer:
+    """Adam with gradient clipping and an fp16 grad scaler; ``step(loss)`` does it all.
+
+    Gradients are computed only for this optimiser's parameters
+    (``backward(inputs=...)``), so the actor loss does not pay for world-model
+    weight gradients it would throw away.
+    """
+
+    def __init__(self, name, params, lr, eps, clip, weight_decay, precision):
+        self.name = name
+        self.params = [p for p in params if p.requires_grad]
+        kwargs = {"lr": lr, "eps": eps, "weight_decay": weight_decay}
+        fused = all(p.device.type in ("cpu", "cuda") for p in self.params)
+        self.opt = torch.optim.AdamW(self.params, fused=fused, **kwargs) if weight_decay else \
+            torch.optim.Adam(self.params, fused=fused, **kwargs)
+        self.clip = clip
+        self.scaler = torch.amp.GradScaler(enabled=precision == 16)
+
+    def step(self, loss, retain_graph=False):
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward(inputs=self.params, retain_graph=retain_graph)
+        self.scaler.unscale_(self.opt)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return {f"{self.name}_loss": loss.detach(), f"{self.name}_grad_norm": norm.detach()}
+
+    def state_dict(self):
+        return {"opt": self.opt.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state):
+        self.opt.load_state_dict(state["opt"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def autocast(precision, device):
+    """Mixed-precision context: bf16 (CPU and GPU), fp16 (GPU) or a no-op for 32."""
+    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
+    if precision == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    if precision == 16:
+        return torch.autocast(device_type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------- seeding
+
+
+def set_seed(seed, deterministic=False):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def rng_states():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
