@@ -201,7 +201,7 @@ class Run:
         progress.mark_updates(self.updates)
 
         def policy(obs, state):
-            explore = self.agent_step < cfg.expl_until // cfg.action_repeat
+            explore = not cfg.expl_until or self.agent_step < cfg.expl_until // cfg.action_repeat
             return self.agent.policy(obs, state, "train", explore)
 
         def on_step(count):
@@ -210,12 +210,14 @@ class Run:
             progress.update(count, self.updates)
             self.maybe_log_and_save()
 
-        while self.agent_step < self.total_agent_steps:
-            if self.last["eval"] is None or self.env_step - self.last["eval"] >= cfg.eval_every:
-                self.evaluate()
-            chunk = min(cfg.eval_every // cfg.action_repeat, self.total_agent_steps - self.agent_step)
-            self.driver.run(policy, steps=max(chunk, 1), on_step=on_step, on_episode=self.on_train_episode)
-        progress.close()
+        try:
+            while self.agent_step < self.total_agent_steps:
+                if self.last["eval"] is None or self.env_step - self.last["eval"] >= cfg.eval_every:
+                    self.evaluate()
+                chunk = min(cfg.eval_every // cfg.action_repeat, self.total_agent_steps - self.agent_step)
+                self.driver.run(policy, steps=max(chunk, 1), on_step=on_step, on_episode=self.on_train_episode)
+        finally:
+            progress.close()
         if self.last["eval"] != self.env_step:
             self.evaluate()
         self.save()
@@ -225,6 +227,8 @@ class Run:
         cfg = self.config
         trained = max(0, self.agent_step - cfg.prefill) * cfg.train_ratio
         due = int(trained // (cfg.batch_size * cfg.batch_length)) - self.updates
+        if due > 0 and not self.replay.can_sample(cfg.batch_length):
+            return  # no stored episode is long enough yet; the due updates run once one is
         for _ in range(due):
             batch = self.replay.sample(cfg.batch_size, cfg.batch_length)
             for key, value in self.agent.train_step(batch).items():

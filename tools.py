@@ -407,6 +407,9 @@ class Replay:
             if self.directory is not None:
                 (self.directory / f"{name}.npz").unlink(missing_ok=True)
 
+    def can_sample(self, length):
+        return any(episode_length(ep) >= length for ep in self.episodes.values())
+
     def sample(self, batch, length):
         """Uniform over all length-``length`` windows inside stored episodes -> {key: (B, T, ...)}."""
         episodes = [ep for ep in self.episodes.values() if episode_length(ep) >= length]

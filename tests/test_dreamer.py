@@ -30,7 +30,8 @@ sys.path.insert(0, ROOT)
 import dreamer  # noqa: E402
 import tools  # noqa: E402
 
-BASE = ["--configs", "debug", "--task", "dmc_cartpole_balance", "--train_ratio", "16", "--device", "cpu"]
+BASE = ["--configs", "debug", "--task", "dmc_cartpole_balance", "--train_ratio", "16", "--device", "cpu",
+        "--threads", "1"]
 ACTION_REPEAT, PREFILL, EPISODE_STEPS, BATCH_STEPS, TRAIN_RATIO = 2, 100, 100, 4 * 16, 16
 
 
@@ -232,7 +233,8 @@ def test_exploration_behaviours_run(behavior, tmp_path, monkeypatch):
 
     monkeypatch.setattr(dreamer.Dreamer, "policy", recording_policy)
     logdir = tmp_path / "run"
-    run_main([*BASE, "--expl_behavior", behavior, "--steps", "300", "--logdir", str(logdir)])
+    # log_every 50: training rows at 250 and 300 (the debug block's 100 would log only at 202)
+    run_main([*BASE, "--expl_behavior", behavior, "--steps", "300", "--log_every", "50", "--logdir", str(logdir)])
     payload = tools.load_checkpoint(logdir / "latest.pt", "cpu")
     assert payload["agent_step"] == 300 // ACTION_REPEAT
     assert payload["updates"] == expected_updates(payload["agent_step"]) > 0

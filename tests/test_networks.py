@@ -203,10 +203,13 @@ def test_kl_losses_route_gradients_to_prior_and_posterior():
     g_post, g_prior = torch.autograd.grad(rep.sum(), [post, prior], allow_unused=True)
     assert g_post is not None and g_post.abs().max() > 0
     assert g_prior is None or g_prior.abs().max() == 0
-    # the values below the free bits contribute no gradient at all
+    # values below the free bits are clamped and contribute no gradient at all
     post2 = post.detach().clone().requires_grad_(True)
-    dyn2, _, _ = rssm.kl_losses(post2, post2.detach(), 1.0)
-    assert torch.allclose(dyn2, torch.ones_like(dyn2))
+    prior2 = post.detach().clone().requires_grad_(True)
+    dyn2, rep2, _ = rssm.kl_losses(post2, prior2, 1.0)
+    assert torch.allclose(dyn2, torch.ones_like(dyn2)) and torch.allclose(rep2, torch.ones_like(rep2))
+    g_post, g_prior = torch.autograd.grad((dyn2 + rep2).sum(), [post2, prior2], allow_unused=True)
+    assert all(g is None or g.abs().max() == 0 for g in (g_post, g_prior))
 
 
 # ----------------------------------------------------------------- RSSM
