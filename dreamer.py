@@ -95,10 +95,11 @@ class Dreamer(nn.Module):
 
 
 def make_env(config, mode, index):
-    """One wrapped DMC env; eval envs get seeds disjoint from train envs."""
+    """One wrapped DMC env (a Continual one for CRL runs); eval seeds are disjoint from train seeds."""
     seed = config.seed * 1000 + index + (500 if mode == "eval" else 0)
-    env = dmc.DeepMindControl(config.task.split("_", 1)[1], config.action_repeat, config.size,
-                              config.camera, seed, config.pixels)
+    task_defs = config.crl_task_defs if config.crl_tasks else None
+    env = dmc.make(config.task.split("_", 1)[1], task_defs=task_defs, action_repeat=config.action_repeat,
+                   size=config.size, camera=config.camera, seed=seed, pixels=config.pixels)
     env = wrappers.NormalizeActions(env)
     env = wrappers.TimeLimit(env, config.time_limit // config.action_repeat)
     return wrappers.UUID(env)
@@ -116,6 +117,62 @@ def close_envs(envs):
             env.close()
 
 
+def set_task(envs, task):
+    for env in envs:
+        env.call("set_task", task)
+
+
+# ----------------------------------------------------------------- continual schedule
+
+
+class Schedule:
+    """Which task the train envs run at each agent step (SPEC §5).
+
+    Entry j of ``crl_tasks`` covers agent steps [prefill + j*spt, prefill + (j+1)*spt);
+    prefill runs on the first task. Without ``crl_tasks`` the run is single-task.
+    """
+
+    def __init__(self, config):
+        self.tasks = list(config.crl_tasks)
+        self.steps_per_task = config.crl_steps_per_task
+        self.prefill = config.prefill
+
+    @property
+    def active(self):
+        return bool(self.tasks)
+
+    @property
+    def total_agent_steps(self):
+        return self.prefill + len(self.tasks) * self.steps_per_task
+
+    @property
+    def unique_tasks(self):
+        return list(dict.fromkeys(self.tasks))
+
+    def task_at(self, agent_step):
+        index = max(0, agent_step - self.prefill) // self.steps_per_task
+        return self.tasks[min(index, len(self.tasks) - 1)]
+
+    def next_boundary(self, agent_step):
+        """First window end after ``agent_step`` (None past the last one)."""
+        for index in range(1, len(self.tasks) + 1):
+            end = self.prefill + index * self.steps_per_task
+            if end > agent_step:
+                return end
+        return None
+
+    def first_window_end(self, task):
+        return self.prefill + (self.tasks.index(task) + 1) * self.steps_per_task
+
+
+def forgetting(history, window_end, now_value):
+    """F = p(e) - p(T) and F_max = max_{t<=e} p(t) - p(T) from [(agent_step, return), ...]."""
+    before = [value for step, value in history if step <= window_end]
+    if not before:
+        return None, None
+    return before[-1] - now_value, max(before) - now_value
+
+
 # ----------------------------------------------------------------- training run
 
 
@@ -126,19 +183,26 @@ class Run:
         self.config, self.logdir = config, pathlib.Path(logdir)
         self.agent_step = 0  # agent steps collected, prefill included, all envs summed
         self.updates = 0
-        self.replay = tools.Replay(self.logdir / "train_eps", config.dataset_size, config.seed).load()
+        self.schedule = Schedule(config)
+        self.eval_history = {}  # task -> [(agent_step, eval return)]
+        self.task = None  # task the train envs run now
+        self.pending_task = {}  # env index -> task to apply at its next reset (crl_switch: episode)
+        self.replay = tools.Replay(self.logdir / "train_eps", config.dataset_size, config.seed, config.replay).load()
         self.train_envs = make_envs(config, "train", config.envs)
         self.eval_envs = make_envs(config, "eval", max(1, min(config.envs, config.eval_episode_num)))
         space = self.train_envs[0]
         self.agent = Dreamer(space.observation_space, space.action_space, config).to(config.device)
         self.random = exploration.Random(self.agent.action_dim, self.agent.discrete)
         self.checkpoint_path = self.logdir / "latest.pt"
-        self.restored_eval = None
+        self.restored_eval, self.restored_rows = None, None
         if self.checkpoint_path.exists():
             self.restore(tools.load_checkpoint(self.checkpoint_path, config.device))
-        self.logger = tools.Logger(self.logdir, self.env_step)
+        self.logger = tools.Logger(self.logdir, self.env_step, self.restored_rows)
         self.metrics, self.episode_stats = {}, []
-        self.driver = tools.Driver(self.train_envs, self.replay)
+        self.driver = tools.Driver(self.train_envs, self.replay, before_reset=self.apply_pending_task)
+        if self.schedule.active:
+            self.task = self.schedule.task_at(self.agent_step)
+            set_task(self.train_envs, self.task)
         self.last = {"log": self.env_step, "eval": self.restored_eval, "ckpt": self.env_step, "time": time.time(),
                      "log_step": self.env_step, "log_updates": self.updates}
 
@@ -148,7 +212,29 @@ class Run:
 
     @property
     def total_agent_steps(self):
+        if self.schedule.active:
+            return self.schedule.total_agent_steps
         return self.config.steps // self.config.action_repeat
+
+    # -- continual schedule
+
+    def follow_schedule(self):
+        if self.schedule.active and self.schedule.task_at(self.agent_step) != self.task:
+            self.switch_task(self.schedule.task_at(self.agent_step), self.config.crl_switch == "immediate")
+
+    def switch_task(self, task, immediate):
+        """Move every train env to ``task`` now, or at each env's next episode start."""
+        if immediate:
+            set_task(self.train_envs, task)
+        else:
+            self.pending_task = {index: task for index in range(len(self.train_envs))}
+        self.task = task
+        self.logger.scalar("crl_task", task)
+        self.logger.write(self.env_step)
+
+    def apply_pending_task(self, index):
+        if index in self.pending_task:
+            self.train_envs[index].call("set_task", self.pending_task.pop(index))
 
     # -- checkpoints
 
@@ -156,8 +242,8 @@ class Run:
         return {"agent": self.agent.state_dict(),
                 "optimizers": {k: v.state_dict() for k, v in self.agent.optimizers().items()},
                 "agent_step": self.agent_step, "updates": self.updates, "last_eval": self.last["eval"],
-                "rng": tools.rng_states(),
-                "replay_rng": self.replay.rng.bit_generator.state, "config": self.config.to_dict()}
+                "eval_history": self.eval_history, "metrics_rows": self.logger.rows, "rng": tools.rng_states(),
+                "replay": self.replay.state_dict(), "config": self.config.to_dict()}
 
     def restore(self, payload):
         self.agent.load_state_dict(payload["agent"])
@@ -165,8 +251,10 @@ class Run:
             opt.load_state_dict(payload["optimizers"][name])
         self.agent_step, self.updates = payload["agent_step"], payload["updates"]
         self.restored_eval = payload["last_eval"]
+        self.eval_history = payload["eval_history"]
+        self.restored_rows = payload["metrics_rows"]
         tools.set_rng_states(payload["rng"])
-        self.replay.rng.bit_generator.state = payload["replay_rng"]
+        self.replay.load_state_dict(payload["replay"])
         print(f"Resumed from {self.checkpoint_path} at env step {self.env_step} ({self.updates} updates, "
               f"{self.replay.num_episodes} episodes on disk).", flush=True)
 
@@ -206,21 +294,39 @@ class Run:
 
         def on_step(count):
             self.agent_step += count
+            self.follow_schedule()
             self.train_due_updates()
             progress.update(count, self.updates)
             self.maybe_log_and_save()
 
+        if self.agent_step == cfg.prefill and self.schedule.active:
+            self.logger.scalar("crl_task", self.task)
         try:
             while self.agent_step < self.total_agent_steps:
-                if self.last["eval"] is None or self.env_step - self.last["eval"] >= cfg.eval_every:
+                if self.eval_due():
                     self.evaluate()
-                chunk = min(cfg.eval_every // cfg.action_repeat, self.total_agent_steps - self.agent_step)
-                self.driver.run(policy, steps=max(chunk, 1), on_step=on_step, on_episode=self.on_train_episode)
+                self.driver.run(policy, steps=self.steps_to_next_stop(), on_step=on_step,
+                                on_episode=self.on_train_episode)
         finally:
             progress.close()
         if self.last["eval"] != self.env_step:
             self.evaluate()
         self.save()
+
+    def eval_due(self):
+        """Every ``eval_every`` env steps, and at every task boundary of the schedule."""
+        if self.last["eval"] is None or self.env_step - self.last["eval"] >= self.config.eval_every:
+            return True
+        at_boundary = self.schedule.active and self.schedule.next_boundary(self.agent_step - 1) == self.agent_step
+        return at_boundary and self.last["eval"] != self.env_step
+
+    def steps_to_next_stop(self):
+        """Agent steps until the next eval point, task boundary or the end of the run."""
+        cfg = self.config
+        stops = [self.last["eval"] // cfg.action_repeat + cfg.eval_every // cfg.action_repeat, self.total_agent_steps]
+        if self.schedule.active and self.schedule.next_boundary(self.agent_step):
+            stops.append(self.schedule.next_boundary(self.agent_step))
+        return max(min(stops) - self.agent_step, 1)
 
     def train_due_updates(self):
         """Run the updates that keep replayed/collected steps at ``train_ratio``."""
@@ -259,6 +365,8 @@ class Run:
         log.scalar("update_rate", (self.updates - self.last["log_updates"]) / elapsed)
         log.scalar("updates", self.updates)
         log.scalar("replay_steps", self.replay.num_steps)
+        for task, fraction in self.replay.task_fractions().items():
+            log.scalar(f"replay_task_{task}_fraction", fraction)
         if cfg_pixels(self.config) and self.config.video_pred_log and self.replay.num_episodes:
             batch = self.agent.wm.preprocess(self.replay.sample(6, self.config.batch_length))
             log.video("train_openl", self.agent.wm.video_pred(batch))
@@ -267,15 +375,44 @@ class Run:
         self.last.update(log=self.env_step, time=now, log_step=self.env_step, log_updates=self.updates)
 
     def evaluate(self):
-        returns, video = evaluate(self.agent, self.eval_envs, self.config.eval_episode_num, cfg_pixels(self.config))
         self.last["eval"] = self.env_step
-        if not returns:
+        if self.config.eval_episode_num <= 0:
             return
-        self.logger.scalar("eval_return", np.mean(returns))
-        self.logger.scalar("eval_return_std", np.std(returns))
-        if video is not None:
-            self.logger.video("eval_policy", video[None])
+        if self.schedule.active:
+            self.evaluate_every_task()
+        else:
+            self.log_eval("eval", self.eval_envs)
         self.logger.write(self.env_step)
+        self.save()
+
+    def log_eval(self, prefix, envs):
+        returns, video = evaluate(self.agent, envs, self.config.eval_episode_num, cfg_pixels(self.config))
+        self.logger.scalar(f"{prefix}_return", np.mean(returns))
+        self.logger.scalar(f"{prefix}_return_std", np.std(returns))
+        if video is not None:
+            self.logger.video(f"{prefix}_policy", video[None])
+        return float(np.mean(returns))
+
+    def evaluate_every_task(self):
+        """Eval on every task of the schedule (eval envs only) and log the forgetting metrics."""
+        current = {}
+        for task in self.schedule.unique_tasks:
+            set_task(self.eval_envs, task)
+            current[task] = self.log_eval(f"task_{task}_eval", self.eval_envs)
+            self.eval_history.setdefault(task, []).append((self.agent_step, current[task]))
+        self.logger.scalar("crl_avg_reward_all_tasks", np.mean(list(current.values())))
+        drops = []
+        for task, value in current.items():
+            end = self.schedule.first_window_end(task)
+            if self.agent_step < end:
+                continue
+            drop, drop_max = forgetting(self.eval_history[task], end, value)
+            if drop is not None:
+                self.logger.scalar(f"crl_forgetting_task_{task}", drop)
+                self.logger.scalar(f"crl_forgetting_max_task_{task}", drop_max)
+                drops.append(drop)
+        if drops:
+            self.logger.scalar("crl_avg_forgetting", np.mean(drops))
 
     def close(self):
         close_envs(self.train_envs + self.eval_envs)

@@ -34,6 +34,8 @@ CHOICES = {
     "expl_behavior": ("greedy", "random", "plan2explore"),
     "imag_gradient": ("dynamics", "reinforce"),
     "disag_target": ("stoch", "deter", "feat", "embed"),
+    "replay": ("fifo", "reservoir"),
+    "crl_switch": ("immediate", "episode"),
 }
 
 
@@ -193,6 +195,8 @@ def validate(config):
     for key in positive:
         if config[key] <= 0:
             raise ConfigError(f"'{key}' must be > 0, got {config[key]}")
+    if config["crl_tasks"]:
+        validate_schedule(config)
     if config["prefill"] < 0 or config["eval_episode_num"] < 0:
         raise ConfigError("'prefill' and 'eval_episode_num' must be >= 0")
     if not config["task"].startswith("dmc_"):
@@ -200,6 +204,26 @@ def validate(config):
     if config["batch_length"] * config["action_repeat"] > config["time_limit"]:
         raise ConfigError(f"batch_length {config['batch_length']} exceeds the episode length "
                           f"({config['time_limit']} // action_repeat {config['action_repeat']}); lower batch_length")
+
+
+def validate_schedule(config):
+    """A continual schedule needs known task ids and windows the envs hit exactly."""
+    from envs import dmc
+
+    domain = dmc.split_task_name(config["task"].split("_", 1)[1])[0]
+    try:
+        known = [int(k) for k in dmc.domain_tasks(config["crl_task_defs"], domain)]
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    unknown = [t for t in config["crl_tasks"] if t not in known]
+    if unknown:
+        raise ConfigError(f"crl_tasks {unknown} are not defined for '{domain}'; crl_task_defs has ids {known}")
+    if config["crl_steps_per_task"] <= 0:
+        raise ConfigError("'crl_steps_per_task' must be > 0 when crl_tasks is set")
+    envs = config["envs"]
+    if config["crl_steps_per_task"] % envs or config["prefill"] % envs:
+        raise ConfigError(f"'crl_steps_per_task' and 'prefill' must be multiples of envs ({envs}) "
+                          "so that every env switches exactly at the task boundary")
 
 
 def resolve_device(name):
@@ -246,32 +270,36 @@ def load_checkpoint(path, device):
 class Logger:
     """Scalars and videos to TensorBoard, ``metrics.jsonl`` and the console.
 
-    On resume, rows of ``metrics.jsonl`` newer than the restored step are
-    dropped (and TensorBoard purges them) so nothing is logged twice.
+    On resume, ``metrics.jsonl`` is cut back to the ``rows`` it had when the
+    checkpoint was written (without a checkpoint: to rows at or before
+    ``step``), and TensorBoard purges events after ``step``, so nothing that
+    is logged again after a resume appears twice.
     """
 
-    def __init__(self, logdir, step=0):
+    def __init__(self, logdir, step=0, rows=None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.logdir = pathlib.Path(logdir)
         self.step = step
         self.metrics_path = self.logdir / "metrics.jsonl"
-        self.drop_rows_after(step)
-        self.writer = SummaryWriter(str(self.logdir), purge_step=step or None, max_queue=1000)
+        self.rows = self.truncate_rows(step, rows)
+        self.writer = SummaryWriter(str(self.logdir), purge_step=step + 1 if step else None, max_queue=1000)
         self.scalars, self.videos = {}, {}
 
-    def drop_rows_after(self, step):
+    def truncate_rows(self, step, rows):
+        """Keep the first ``rows`` valid rows (or those with step <= ``step``); return the count."""
         if not self.metrics_path.exists():
-            return
+            return 0
         kept = []
         for line in self.metrics_path.read_text().splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if row.get("step", 0) <= step:
+            if (len(kept) < rows) if rows is not None else row.get("step", 0) <= step:
                 kept.append(line)
         atomic_write_bytes(self.metrics_path, "".join(f"{line}\n" for line in kept).encode())
+        return len(kept)
 
     def scalar(self, name, value):
         self.scalars[name] = float(value)
@@ -286,6 +314,7 @@ class Logger:
                 self.writer.add_scalar(name, value, step)
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps({"step": step, **self.scalars}) + "\n")
+            self.rows += 1
             if console:
                 text = " / ".join(f"{k} {v:.4g}" for k, v in self.scalars.items())
                 print(f"[{step}] {text}", flush=True)
@@ -350,18 +379,32 @@ class Progress:
 
 
 class Replay:
-    """Episode replay with on-disk mirror and FIFO eviction (capacity in steps)."""
+    """Episode replay with an on-disk mirror; capacity in steps.
 
-    def __init__(self, directory, capacity, seed=0):
+    ``policy`` decides which episodes are kept once the buffer is full:
+    - ``fifo``: the oldest episodes are evicted;
+    - ``reservoir``: Vitter's Algorithm R over episodes: the n-th episode ever
+      offered is stored with probability k/n (k = episodes stored), replacing a
+      uniformly chosen stored one, so every episode ever collected is equally
+      likely to be in the buffer and old physics stay represented.
+    ``seen`` (episodes ever offered) is part of ``state_dict`` for resuming.
+    """
+
+    POLICIES = ("fifo", "reservoir")
+
+    def __init__(self, directory, capacity, seed=0, policy="fifo"):
         """``directory`` None keeps episodes in memory only (e.g. for eval videos)."""
+        if policy not in self.POLICIES:
+            raise ValueError(f"replay policy must be one of {self.POLICIES}, got {policy!r}")
         self.directory = pathlib.Path(directory) if directory is not None else None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
-        self.capacity = capacity
+        self.capacity, self.policy = capacity, policy
         self.episodes = OrderedDict()  # name -> {key: (L, ...) array}
         self.ongoing = {}  # env index -> {key: [values]}
         self.rng = np.random.default_rng(seed)
         self.num_steps = 0  # steps stored now
+        self.seen = 0  # episodes ever offered
 
     def load(self):
         """Read every episode file (oldest first); unreadable files are skipped with a warning."""
@@ -374,8 +417,16 @@ class Replay:
                 continue
             self.episodes[path.stem] = episode
             self.num_steps += episode_length(episode)
+        self.seen = len(self.episodes)
         self.evict()
         return self
+
+    def state_dict(self):
+        return {"seen": self.seen, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state):
+        self.seen = max(state["seen"], len(self.episodes))
+        self.rng.bit_generator.state = state["rng"]
 
     @property
     def num_episodes(self):
@@ -387,25 +438,54 @@ class Replay:
             episode.setdefault(key, []).append(value)
 
     def finish(self, env_index, episode_id):
-        """Close env ``env_index``'s episode: store it in memory and on disk."""
+        """Close env ``env_index``'s episode and offer it to the buffer; returns the episode."""
         episode = {key: np.stack(values) for key, values in self.ongoing.pop(env_index).items()}
-        length = episode_length(episode)
-        name = f"{episode_id}-{length}"
+        self.seen += 1
+        if self.admit(episode_length(episode)):
+            self.store(f"{episode_id}-{episode_length(episode)}", episode)
+        return episode
+
+    def admit(self, length):
+        """Reservoir decision for a new episode (FIFO admits everything)."""
+        if self.policy == "fifo" or self.num_steps + length <= self.capacity:
+            return True
+        slot = self.rng.integers(0, self.seen)
+        if slot >= len(self.episodes):
+            return False
+        self.remove(list(self.episodes)[slot])
+        return True
+
+    def store(self, name, episode):
         if self.directory is not None:
             buffer = io.BytesIO()
             np.savez_compressed(buffer, **episode)
             atomic_write_bytes(self.directory / f"{name}.npz", buffer.getvalue())
         self.episodes[name] = episode
-        self.num_steps += length
+        self.num_steps += episode_length(episode)
         self.evict()
-        return episode
 
     def evict(self):
+        """Drop episodes until the capacity holds (oldest for FIFO, random for reservoir)."""
         while self.num_steps > self.capacity and len(self.episodes) > 1:
-            name, episode = self.episodes.popitem(last=False)
-            self.num_steps -= episode_length(episode)
-            if self.directory is not None:
-                (self.directory / f"{name}.npz").unlink(missing_ok=True)
+            names = list(self.episodes)
+            self.remove(names[0] if self.policy == "fifo" else names[self.rng.integers(0, len(names) - 1)])
+
+    def remove(self, name):
+        episode = self.episodes.pop(name)
+        self.num_steps -= episode_length(episode)
+        if self.directory is not None:
+            (self.directory / f"{name}.npz").unlink(missing_ok=True)
+
+    def task_fractions(self):
+        """Fraction of stored steps per task id (episodes carry a ``task_id`` key in CRL runs)."""
+        counts = {}
+        for episode in self.episodes.values():
+            if "task_id" in episode:
+                ids, sizes = np.unique(episode["task_id"], return_counts=True)
+                for task, size in zip(ids.tolist(), sizes.tolist()):
+                    counts[task] = counts.get(task, 0) + size
+        total = sum(counts.values())
+        return {task: size / total for task, size in sorted(counts.items())}
 
     def can_sample(self, length):
         return any(episode_length(ep) >= length for ep in self.episodes.values())
@@ -437,15 +517,19 @@ class Driver:
     A stored transition holds obs_t, the action that led to it, and r_t.
     """
 
-    def __init__(self, envs, replay=None):
+    def __init__(self, envs, replay=None, before_reset=None):
         self.envs = envs
         self.replay = replay
+        self.before_reset = before_reset  # called with the env index before each reset
         self.obs = [None] * len(envs)
         self.returns = np.zeros(len(envs))
         self.lengths = np.zeros(len(envs), dtype=np.int64)
         self.state = None
 
     def reset_envs(self, indices):
+        if self.before_reset:
+            for i in indices:
+                self.before_reset(i)
         promises = [(i, self.envs[i].reset()) for i in indices]
         for i, promise in promises:
             obs = promise()

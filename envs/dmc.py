@@ -292,6 +292,11 @@ class ContinualDMC(DeepMindControl):
             "actuator_gain": float(model.actuator_gainprm[:, 0].mean()),
         }
 
+    def _observe(self, time_step, is_first, is_last, is_terminal):
+        obs = super()._observe(time_step, is_first, is_last, is_terminal)
+        obs["task_id"] = np.int32(self.task_id if self.task_id is not None else -1)
+        return obs
+
     def _check_name(self, name):
         domain, task = split_task_name(name)
         if domain != self.DOMAIN or task not in self.SUITE_TASKS:

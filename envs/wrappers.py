@@ -85,7 +85,7 @@ class UUID(Wrapper):
         self.id = None
 
     def reset(self):
-        stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+        stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
         self.id = f"{stamp}-{uuid.uuid4().hex}"
         return self.env.reset()
 

@@ -1,0 +1,263 @@
+"""The continual-learning loop: schedule, per-task evaluation, forgetting
+metrics, reservoir replay and resuming mid-schedule.
+
+Tiny runs use ``--configs dmc_crl_cartpole debug`` with 100 agent steps per
+task: prefill 100 agent steps, episodes of 100 agent steps (101 stored
+transitions), action_repeat 2, so task j of [0, 1, 2, 3] covers agent steps
+(100 + 100 j, 200 + 100 j] and the switches are logged at env steps 400, 600, 800.
+"""
+
+import contextlib
+import io
+import json
+import os
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import dreamer  # noqa: E402
+import tools  # noqa: E402
+
+CRL = ["--configs", "dmc_crl_cartpole", "debug", "--crl_steps_per_task", "100", "--train_ratio", "16",
+       "--eval_every", "100", "--device", "cpu", "--threads", "1"]
+PREFILL, SPT, REPEAT, TASKS = 100, 100, 2, [0, 1, 2, 3]
+
+
+def run_main(args):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        dreamer.main(list(args))
+    return out.getvalue()
+
+
+def rows(logdir):
+    return [json.loads(line) for line in (pathlib.Path(logdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def task_sequence(logdir):
+    """Task ids of every stored non-first transition, in collection order."""
+    files = sorted((pathlib.Path(logdir) / "train_eps").glob("*.npz"))
+    ids = []
+    for path in files:
+        with np.load(path) as episode:
+            ids += episode["task_id"][~episode["is_first"]].tolist()
+    return ids
+
+
+# ----------------------------------------------------------------- reservoir statistics
+
+
+def stream(replay, tasks, episodes_per_task, length):
+    """Offer ``episodes_per_task`` episodes of ``length`` steps per task, in task order."""
+    for task in tasks:
+        for index in range(episodes_per_task):
+            for step in range(length):
+                replay.add_step(0, {"reward": np.float32(0), "task_id": np.int32(task)})
+            replay.finish(0, f"{task:02d}-{index:05d}")
+
+
+def retained_per_task(replay, tasks):
+    counts = {task: 0 for task in tasks}
+    for episode in replay.episodes.values():
+        counts[int(episode["task_id"][0])] += 1
+    return np.array([counts[t] for t in tasks])
+
+
+class RandomEviction(tools.Replay):
+    """The common mistake: always admit, evict a uniformly random stored episode."""
+
+    def admit(self, length):
+        return True
+
+    def evict(self):
+        while self.num_steps > self.capacity:
+            names = list(self.episodes)
+            self.remove(names[self.rng.integers(0, len(names))])
+
+
+CHI2_3DOF_999 = 16.27  # chi-square critical value, 3 degrees of freedom, p = 0.001
+
+
+def pooled_chi_square(make_replay, seeds=20):
+    """Chi-square of the retained-per-task counts (pooled over seeds) against uniform."""
+    total = np.zeros(len(TASKS))
+    for seed in range(seeds):
+        replay = make_replay(seed)
+        stream(replay, TASKS, episodes_per_task=200, length=10)
+        total += retained_per_task(replay, TASKS)
+    expected = total.sum() / len(TASKS)
+    return ((total - expected) ** 2 / expected).sum(), total
+
+
+def test_reservoir_keeps_every_task_uniformly():
+    """Capacity 100 episodes out of 800 offered: each task keeps ~25 per seed (500 pooled)."""
+    chi2, total = pooled_chi_square(lambda seed: tools.Replay(None, 1000, seed, "reservoir"))
+    assert chi2 < CHI2_3DOF_999, total
+    assert total.sum() == 20 * 100
+
+
+def test_fifo_keeps_only_the_last_task():
+    _, total = pooled_chi_square(lambda seed: tools.Replay(None, 1000, seed, "fifo"))
+    assert total[:-1].sum() == 0 and total[-1] == 20 * 100
+
+
+def test_random_eviction_fails_the_uniformity_test():
+    chi2, total = pooled_chi_square(lambda seed: RandomEviction(None, 1000, seed, "fifo"))
+    assert chi2 > CHI2_3DOF_999, total
+    assert total[-1] > total[0] * 5  # exponential bias toward recent data
+
+
+def test_reservoir_each_episode_equally_likely():
+    """Algorithm R: P(episode i kept) = k/n for every i; check early vs late episodes."""
+    kept_early = kept_late = 0
+    for seed in range(200):
+        replay = tools.Replay(None, 50, seed, "reservoir")  # k = 10 episodes of 5 steps
+        stream(replay, [0], episodes_per_task=100, length=5)
+        names = set(replay.episodes)
+        kept_early += sum(f"00-{i:05d}-5" in names for i in range(10))
+        kept_late += sum(f"00-{i:05d}-5" in names for i in range(90, 100))
+    expected = 200 * 10 * 10 / 100  # 200 seeds x 10 episodes x k/n
+    for kept in (kept_early, kept_late):
+        assert abs(kept - expected) < 4 * np.sqrt(expected), (kept_early, kept_late, expected)
+
+
+def test_reservoir_disk_mirrors_memory_and_resumes(tmp_path):
+    replay = tools.Replay(tmp_path, 100, 0, "reservoir")
+    stream(replay, TASKS, episodes_per_task=10, length=10)
+    assert sorted(p.stem for p in tmp_path.glob("*.npz")) == sorted(replay.episodes)
+    state = replay.state_dict()
+    assert state["seen"] == 40
+    resumed = tools.Replay(tmp_path, 100, 0, "reservoir").load()
+    resumed.load_state_dict(state)
+    assert resumed.seen == 40 and sorted(resumed.episodes) == sorted(replay.episodes)
+    stream(resumed, [4], episodes_per_task=1, length=10)
+    assert resumed.seen == 41
+
+
+def test_task_fractions_count_steps():
+    replay = tools.Replay(None, 10 ** 6, 0, "fifo")
+    stream(replay, [0], episodes_per_task=3, length=10)
+    stream(replay, [2], episodes_per_task=1, length=10)
+    assert replay.task_fractions() == {0: 0.75, 2: 0.25}
+
+
+# ----------------------------------------------------------------- schedule and config
+
+
+def test_schedule_windows():
+    config = tools.load_config(CRL)
+    schedule = dreamer.Schedule(config)
+    assert schedule.total_agent_steps == PREFILL + 4 * SPT
+    assert [schedule.task_at(s) for s in (0, 100, 199, 200, 299, 300, 499, 500)] == [0, 0, 0, 1, 1, 2, 3, 3]
+    assert schedule.next_boundary(100) == 200 and schedule.next_boundary(500) is None
+    assert schedule.first_window_end(2) == 400
+
+
+def test_forgetting_definitions():
+    history = [(100, 10.0), (200, 50.0), (300, 40.0), (400, 5.0)]
+    assert dreamer.forgetting(history, window_end=300, now_value=5.0) == (35.0, 45.0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--crl_tasks", "[0, 9]"], "not defined"),
+    (["--crl_steps_per_task", "0"], "crl_steps_per_task"),
+    (["--envs", "3"], "multiples of envs"),
+    (["--replay", "random"], "replay"),
+    (["--crl_switch", "later"], "crl_switch"),
+])
+def test_bad_schedule_is_a_config_error(args, message):
+    with pytest.raises(tools.ConfigError, match=message):
+        tools.load_config(CRL + args)
+
+
+@pytest.mark.parametrize("block", ["dmc_crl_cartpole", "dmc_crl_cup", "dmc_crl_pendulum", "dmc_crl_walker"])
+def test_crl_blocks_are_complete(block):
+    config = tools.load_config(["--configs", block])
+    assert len(config.crl_tasks) >= 4 and config.crl_steps_per_task > 0
+    assert config.replay == "reservoir"
+    total = config.prefill + len(config.crl_tasks) * config.crl_steps_per_task
+    assert config.dataset_size < total  # the buffer fills, so the replay policy matters
+
+
+# ----------------------------------------------------------------- end-to-end
+
+
+@pytest.fixture(scope="module")
+def crl_run(tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("crl")
+    run_main(CRL + ["--logdir", str(logdir)])
+    return logdir
+
+
+def test_tasks_switch_exactly_at_the_boundaries(crl_run):
+    ids = task_sequence(crl_run)
+    expected = [0] * (PREFILL + SPT) + [1] * SPT + [2] * SPT + [3] * SPT
+    assert ids == expected
+    switches = [(r["step"], r["crl_task"]) for r in rows(crl_run) if "crl_task" in r]
+    assert switches == [((PREFILL + j * SPT) * REPEAT, j) for j in TASKS]
+
+
+def test_every_task_is_evaluated_with_forgetting_metrics(crl_run):
+    evals = [r for r in rows(crl_run) if "crl_avg_reward_all_tasks" in r]
+    steps = [r["step"] for r in evals]
+    assert steps == sorted(set(steps)) and steps[-1] == (PREFILL + 4 * SPT) * REPEAT
+    for row in evals:
+        values = [row[f"task_{k}_eval_return"] for k in TASKS]
+        assert row["crl_avg_reward_all_tasks"] == pytest.approx(np.mean(values))
+    last = evals[-1]
+    history = {k: [(r["step"], r[f"task_{k}_eval_return"]) for r in evals] for k in TASKS}
+    for k in TASKS:
+        end = (PREFILL + (k + 1) * SPT) * REPEAT
+        at_end = [v for s, v in history[k] if s <= end]
+        now = last[f"task_{k}_eval_return"]
+        assert last[f"crl_forgetting_task_{k}"] == pytest.approx(at_end[-1] - now)
+        assert last[f"crl_forgetting_max_task_{k}"] == pytest.approx(max(at_end) - now)
+    assert last["crl_avg_forgetting"] == pytest.approx(np.mean([last[f"crl_forgetting_task_{k}"] for k in TASKS]))
+    assert any("replay_task_1_fraction" in r for r in rows(crl_run))
+
+
+def test_episode_switch_waits_for_the_next_episode(tmp_path):
+    run_main(CRL + ["--logdir", str(tmp_path), "--crl_switch", "episode", "--crl_steps_per_task", "150",
+                    "--crl_tasks", "[0, 1]"])
+    files = sorted((tmp_path / "train_eps").glob("*.npz"))
+    per_episode = []
+    for path in files:
+        with np.load(path) as episode:
+            per_episode.append(set(episode["task_id"].tolist()))
+    assert all(len(ids) == 1 for ids in per_episode)  # no episode mixes physics
+    # prefill (episode 1) and window 0 (steps 101-250) run task 0; the switch at step 250 falls
+    # mid-episode 3 (steps 201-300), so task 1 starts with episode 4.
+    assert [ids.pop() for ids in per_episode] == [0, 0, 0, 1]
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_mid_schedule_continues_on_the_right_task(tmp_path, monkeypatch):
+    args = CRL + ["--logdir", str(tmp_path), "--checkpoint_every", "200"]
+    original = dreamer.Run.train_due_updates
+
+    def crash_after_step_330(run):
+        if run.agent_step >= 330:
+            raise Stop
+        original(run)
+
+    monkeypatch.setattr(dreamer.Run, "train_due_updates", crash_after_step_330)
+    with pytest.raises(Stop):
+        run_main(args)
+    monkeypatch.setattr(dreamer.Run, "train_due_updates", original)
+    output = run_main(args)
+    assert "Resumed" in output
+    switches = [(r["step"], r["crl_task"]) for r in rows(tmp_path) if "crl_task" in r]
+    assert switches == [((PREFILL + j * SPT) * REPEAT, j) for j in TASKS]
+    payload = tools.load_checkpoint(tmp_path / "latest.pt", "cpu")
+    assert payload["agent_step"] == PREFILL + 4 * SPT
+    # episodes collected after the resume (from agent step 300, task 2's window) run the scheduled tasks
+    ids = task_sequence(tmp_path)
+    assert ids[-SPT:] == [3] * SPT and ids[-2 * SPT:-SPT] == [2] * SPT
