@@ -277,6 +277,7 @@ class ContinualDMC(DeepMindControl):
         self._apply_wind()
         self.physics.forward()
         self.task_id = task_id
+        self._task_id_obs = np.int32(task_id)  # built once, not on every step
 
     def physics_values(self):
         """Current values of the quantities the factors change (picklable; for logs and checks)."""
@@ -294,7 +295,7 @@ class ContinualDMC(DeepMindControl):
 
     def _observe(self, time_step, is_first, is_last, is_terminal):
         obs = super()._observe(time_step, is_first, is_last, is_terminal)
-        obs["task_id"] = np.int32(self.task_id if self.task_id is not None else -1)
+        obs["task_id"] = self._task_id_obs
         return obs
 
     def _check_name(self, name):

@@ -28,6 +28,11 @@ def make(domain, **kwargs):
     return dmc.make(ENV_NAMES[domain], task_defs=TASK_DEFS, **kwargs)
 
 
+def wrapped(domain):
+    """The continual env inside the wrapper stack the agent uses (dreamer.make_env)."""
+    return wrappers.UUID(wrappers.TimeLimit(wrappers.NormalizeActions(make(domain)), 100))
+
+
 def run_steps(env, steps, seed=0):
     """Step with random actions; returns the last observation."""
     space = env.action_space
@@ -50,8 +55,10 @@ def test_task_tables_cover_every_domain_with_six_tasks():
     for domain, tasks in TASK_DEFS.items():
         assert len(tasks) >= 6, domain
         assert tasks[0] == {}, domain
-        for factor in ("wind", "gravity", "mass_scale"):
-            task_with(domain, factor)
+        gravities = [factors["gravity"] for factors in tasks.values() if "gravity" in (factors or {})]
+        assert min(gravities) < -9.81 < max(gravities), (domain, "needs a low and a high gravity task")
+        assert TASK_DEFS[domain][task_with(domain, "mass_scale")]["mass_scale"] > 1, (domain, "needs a heavy task")
+        task_with(domain, "wind")
 
 
 def test_make_returns_plain_env_without_task_defs_and_continual_with():
@@ -146,8 +153,7 @@ def test_wind_after_automatic_reset_drifts_the_cart_by_f_over_m():
 
 
 def test_subprocess_env_switches_tasks_through_wrappers():
-    ctor = functools.partial(dmc.make, "pendulum_swingup", task_defs=TASK_DEFS)
-    env = wrappers.Parallel(ctor)
+    env = wrappers.Parallel(functools.partial(wrapped, "pendulum"))
     try:
         high_g, windy = task_with("pendulum", "gravity"), task_with("pendulum", "wind")
         assert env.attribute("task_id") == 0
@@ -165,11 +171,17 @@ def test_subprocess_env_switches_tasks_through_wrappers():
 
 
 def test_set_task_reaches_the_env_through_in_process_wrappers():
-    env = wrappers.UUID(wrappers.TimeLimit(wrappers.NormalizeActions(make("walker")), 100))
-    env.set_task(task_with("walker", "friction_scale"))
+    env = wrapped("walker")
+    slippery = task_with("walker", "friction_scale")
+    env.set_task(slippery)  # forwarded by every wrapper
     env.reset()
-    assert env.physics_values()["friction"] < 0.7
-    assert env.task_id == task_with("walker", "friction_scale")
+    base = dmc.make("walker_walk").physics.model.geom_friction
+    scale = TASK_DEFS["walker"][slippery]["friction_scale"]
+    np.testing.assert_array_equal(env.physics.model.geom_friction, base * scale)
+    in_process = wrappers.InProcess(env)  # the interface of Parallel, used by the agent loop
+    in_process.call("set_task", 0)
+    assert in_process.attribute("task_id") == 0
+    np.testing.assert_array_equal(env.physics.model.geom_friction, base)
 
 
 def test_bad_task_ids_and_factor_names_are_rejected_listing_the_valid_ones():
@@ -212,8 +224,41 @@ def test_verify_physics_passes_for_the_defined_tasks_and_fails_for_a_no_op(tmp_p
     assert "contacts disabled" in capsys.readouterr().out
 
 
-def test_measure_steps_per_second_counts_env_steps():
-    assert vp.measure_steps_per_second(make("pendulum"), n=50) > 0
+def test_verify_physics_fails_when_set_task_does_not_apply_the_factors(monkeypatch, capsys):
+    for factor in dmc.FACTORS:
+        monkeypatch.setitem(dmc.APPLY_FACTOR, factor, lambda env, value: None)
+    assert vp.main([]) == 1
+    table = capsys.readouterr().out
+    factor_rows = [line for line in table.splitlines() if any(f" {factor} " in line for factor in dmc.FACTORS)]
+    assert len(factor_rows) == sum(len(factors or {}) for tasks in TASK_DEFS.values() for factors in tasks.values())
+    assert all(row.endswith("FAIL") for row in factor_rows), table
+
+
+def test_verify_physics_fails_when_the_wind_is_lost_on_reset(monkeypatch, capsys):
+    monkeypatch.setattr(dmc.ContinualDMC, "_hook_episode_start", lambda self: None)
+    assert vp.main(["--domain", "cup", "walker"]) == 1
+    wind_rows = [line for line in capsys.readouterr().out.splitlines() if " wind " in line]
+    assert len(wind_rows) == 2 and all(row.endswith("FAIL") for row in wind_rows)
+
+
+def test_verify_physics_rejects_unknown_task_ids_listing_the_valid_ones(capsys):
+    assert vp.main(["--domain", "cup", "--tasks", "0", "9"]) == 2
+    assert "unknown cup task id 9; valid ids: 0, 1, 2, 3, 4, 5, 6" in capsys.readouterr().err
+
+
+def test_a_change_too_small_to_tell_from_the_standard_physics_fails(tmp_path, capsys):
+    defs = tmp_path / "defs.yaml"
+    defs.write_text("crl_task_defs:\n  walker: {0: {}, 1: {gravity: -9.5}, 2: {gravity: -5.0}}\n")
+    assert vp.main(["--task-defs", str(defs)]) == 1
+    rows = [line for line in capsys.readouterr().out.splitlines() if " gravity " in line]
+    assert rows[0].endswith("FAIL") and rows[1].endswith("ok")
+
+
+def test_speed_table_times_plain_standard_and_windy_env():
+    lines = vp.speed_table(TASK_DEFS, ["pendulum"], repeats=2, n=20)
+    domain, *numbers, verdict = lines[-1].split()
+    assert domain == "pendulum" and verdict in ("ok", "SLOW")
+    assert len(numbers) == 5 and all(float(number) > 0 for number in numbers)
 
 
 BAD_VALUES = [{"mass_scale": 0}, {"friction_scale": -1}, {"wind": "strong"}, {"joint_friction": -0.5}]
