@@ -93,6 +93,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from detector import detection_report
+
 PROG = "analyze_results"
 RETURN_SCALE = 1000.0  # DMC returns lie in [0, 1000]
 CONVERGENCE_FRACTION = 0.9
@@ -493,20 +495,10 @@ def compute_llcd(detections, switches: list, agent_steps: float) -> dict:
     is a scheduled switch. Returns {"delays": {window index: delay or NaN},
     "misses", "false_alarms", "false_alarms_per_100k"}.
     """
-    det = np.sort(np.asarray(detections, float))
-    used, delays = set(), OrderedDict()
-    for win in switches:
-        inside = np.flatnonzero((det >= win.start) & (det < win.end))
-        if len(inside):
-            used.add(int(inside[0]))
-            delays[win.index] = float(det[inside[0]] - win.start)
-        else:
-            delays[win.index] = math.nan
-    false_alarms = len(det) - len(used)
-    rate = false_alarms / agent_steps * FALSE_ALARM_UNIT if agent_steps > 0 else math.nan
-    misses = sum(1 for d in delays.values() if math.isnan(d))
-    return {"delays": delays, "misses": misses, "false_alarms": false_alarms,
-            "false_alarms_per_100k": rate}
+    report = detection_report(detections, [(w.start, w.end) for w in switches], agent_steps, FALSE_ALARM_UNIT)
+    return {"delays": OrderedDict((w.index, d) for w, d in zip(switches, report["delays"])),
+            "misses": report["misses"], "false_alarms": report["false_alarms"],
+            "false_alarms_per_100k": report["false_alarms_per_unit"]}
 
 
 def run_uses_llcd(run: Run) -> bool:

@@ -47,7 +47,7 @@ import math
 
 import numpy as np
 
-__all__ = ["ChangeDetector"]
+__all__ = ["ChangeDetector", "AdaptationGate", "detection_report"]
 
 
 class ChangeDetector:
@@ -273,6 +273,65 @@ class ChangeDetector:
         self._cooldown_end = step + self._cooldown
         self._streak = 0
         self._clear_window()
+
+
+class AdaptationGate:
+    """When LLCD's context encoder trains (SPEC §6.5).
+
+    ``mode``: ``always`` (open on every update), ``never`` (closed: z is inferred by a
+    frozen, randomly initialised encoder) or ``detector``: ``trigger()`` (a detected
+    change) opens the gate for the next ``updates`` updates, each counted by
+    ``consume()``; a trigger while open restarts the count. States: closed ->
+    trigger -> open(n = updates) -> consume ... -> open(1) -> consume -> closed.
+    """
+
+    MODES = ("detector", "always", "never")
+
+    def __init__(self, mode="detector", updates=500):
+        if mode not in self.MODES:
+            raise ValueError(f"gate mode must be one of {self.MODES}, got {mode!r}")
+        _check_int("updates", updates, 0)
+        self.mode, self.updates = mode, int(updates)
+        self.remaining = 0
+
+    @property
+    def open(self):
+        return self.mode == "always" or (self.mode == "detector" and self.remaining > 0)
+
+    def trigger(self):
+        if self.mode == "detector":
+            self.remaining = self.updates
+
+    def consume(self):
+        """Count one update; the gate closes after the last update of its window."""
+        self.remaining = max(0, self.remaining - 1)
+
+    def state_dict(self):
+        return {"mode": self.mode, "updates": self.updates, "remaining": self.remaining}
+
+    def load_state_dict(self, state):
+        self.remaining = int(state["remaining"])
+
+
+def detection_report(detections, switches, steps, unit=100_000):
+    """Score declared changes against the scheduled switches.
+
+    ``detections``: steps at which changes were declared; ``switches``: (start, end)
+    of every schedule window that begins with a task switch; ``steps``: length of the
+    run in the same units as the false-alarm ``unit``. A switch's delay is the gap
+    from its start to the first detection in [start, end); none is a miss (NaN delay).
+    Every other detection is a false alarm. Returns {"delays": [...], "misses",
+    "false_alarms", "false_alarms_per_unit"}.
+    """
+    found = np.sort(np.asarray(detections, dtype=float))
+    delays, matched = [], 0
+    for start, end in switches:
+        inside = found[(found >= start) & (found < end)]
+        delays.append(float(inside[0] - start) if len(inside) else math.nan)
+        matched += bool(len(inside))
+    false_alarms = len(found) - matched
+    return {"delays": delays, "misses": sum(math.isnan(d) for d in delays), "false_alarms": false_alarms,
+            "false_alarms_per_unit": false_alarms / steps * unit if steps > 0 else math.nan}
 
 
 def _check_int(name, value, minimum):

@@ -13,8 +13,10 @@ The loop: prefill the replay with random actions, then alternate acting in
 resumes from ``latest.pt`` and the episodes on disk.
 """
 
+import collections
 import functools
 import json
+import math
 import pathlib
 import sys
 import time
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import detector
 import exploration
 import models
 import tools
@@ -50,36 +53,51 @@ class Dreamer(nn.Module):
 
     @torch.no_grad()
     def policy(self, obs, state, mode, explore=False):
-        """obs: dict of (N, ...) arrays; state: (latent, previous action) or None.
-        mode: 'train' samples actions, 'eval' takes the mode. Returns (actions (N, A), state)."""
+        """obs: dict of (N, ...) arrays; state: None at the start, then what the last call returned.
+        mode: 'train' samples actions (and z), 'eval' takes the modes. Returns (actions (N, A), state);
+        with LLCD, ``state`` also holds each env's surprise score ``surprise`` (N,) (NaN at
+        episode starts) and the context mean ``z`` (N, Z) used for this step."""
         data = self.wm.preprocess({k: v for k, v in obs.items() if k in ("state", "image", "is_first")})
-        batch = data["is_first"].shape[0]
         if state is None:
-            state = (self.wm.dynamics.initial(batch), torch.zeros(batch, self.action_dim, device=data["is_first"].device))
-        latent, action = state
+            state = self.initial_state(data["is_first"].shape[0], data["is_first"].device)
+        action, z = state["action"], None
         with tools.autocast(self.config.precision, self.config.device):
-            embed = self.wm.encoder(data)
-            latent = self.wm.dynamics.obs_step(latent, action, embed, data["is_first"])
-            feat = self.wm.dynamics.feat(latent)
+            embed = self.wm.encoder(data)  # (N, E)
+            if self.wm.context is not None:
+                (mean, std), context = self.wm.context.step(state["context"], action, embed, data["is_first"])
+                z = mean + std * torch.randn_like(std) if mode == "train" else mean  # (N, Z)
+            latent = self.wm.dynamics.obs_step(state["latent"], action, embed, data["is_first"], z)
+            feat = self.wm.dynamics.policy_feat(latent)
             actor = self.expl_behavior.actor if explore and self.expl_behavior else self.task_behavior.actor
             dist = actor(feat)
             action = (dist.sample() if mode == "train" else dist.mode()).float()
         action = action.clamp(-1, 1)
-        return action.cpu().numpy(), (latent, action)
+        new_state = {"latent": latent, "action": action}
+        if z is not None:
+            surprise = self.wm.surprise(latent, data)
+            new_state.update(context=context, z=mean.float().cpu().numpy(), surprise=surprise.cpu().numpy())
+        return action.cpu().numpy(), new_state
 
-    def train_step(self, batch):
-        """One update of the world model, the task actor-critic and the exploration behaviour."""
+    def initial_state(self, batch, device):
+        state = {"latent": self.wm.dynamics.initial(batch), "action": torch.zeros(batch, self.action_dim, device=device)}
+        if self.wm.context is not None:
+            state["context"] = self.wm.context.initial(batch, self.wm.encoder.out_dim, device)
+        return state
+
+    def train_step(self, batch, adapt=False):
+        """One update of the world model (and, with ``adapt``, of the LLCD context encoder),
+        the task actor-critic and the exploration behaviour."""
         data = self.wm.preprocess(batch)
-        post, metrics = self.wm.train_step(data)
+        post, metrics = self.wm.train_step(data, adapt)
         start = {key: value.detach() for key, value in post.items()}
         metrics.update(self.task_behavior.train_step(start, self.task_objective))
         if self.expl_behavior is not None:
             metrics.update(self.expl_behavior.train_step(start, post, data))
         return metrics
 
-    def task_objective(self, feats, actions):
-        """Extrinsic reward of imagined steps: feats (H+1, N, F) -> (H, N)."""
-        return self.wm.reward(feats[1:]).mode()
+    def task_objective(self, states, actions):
+        """Extrinsic reward of imagined steps: states {key: (H+1, N, ...)} -> (H, N)."""
+        return self.wm.reward(self.wm.dynamics.feat(states)[1:]).mode()
 
     def optimizers(self):
         """Every tools.Optimizer inside the agent, keyed by module path."""
@@ -164,6 +182,12 @@ class Schedule:
     def first_window_end(self, task):
         return self.prefill + (self.tasks.index(task) + 1) * self.steps_per_task
 
+    def switches(self):
+        """(window index, start, end) in agent steps of every window whose task differs
+        from the previous window's."""
+        return [(j, self.prefill + j * self.steps_per_task, self.prefill + (j + 1) * self.steps_per_task)
+                for j in range(1, len(self.tasks)) if self.tasks[j] != self.tasks[j - 1]]
+
 
 def forgetting(history, window_end, now_value):
     """F = p(e) - p(T) and F_max = max_{t<=e} p(t) - p(T) from [(agent_step, return), ...]."""
@@ -171,6 +195,77 @@ def forgetting(history, window_end, now_value):
     if not before:
         return None, None
     return before[-1] - now_value, max(before) - now_value
+
+
+# ----------------------------------------------------------------- LLCD
+
+
+class ChangeMonitor:
+    """LLCD bookkeeping of a run (SPEC §6): the live surprise stream, the change detector,
+    the adaptation gate and the agent steps of every detection.
+
+    One score per training policy call: the mean surprise of the train envs that are not
+    at an episode start, averaged over the last ``llcd_smoothing`` calls. A detection
+    opens the gate; so does the start of training, the first change the agent sees
+    (otherwise ``llcd_gate: detector`` would act with an untrained context encoder
+    until the first detection).
+    """
+
+    def __init__(self, config):
+        self.detector = detector.ChangeDetector(
+            config.llcd_history_window, config.llcd_sigma, config.llcd_patience, config.llcd_burn_in,
+            config.llcd_std_floor, config.llcd_cooldown)
+        self.gate = detector.AdaptationGate(config.llcd_gate, config.llcd_adapt_updates)
+        self.recent = collections.deque(maxlen=config.llcd_smoothing)
+        self.detections = []  # agent steps
+        self.scores = []  # since the last log
+
+    def observe(self, surprise, agent_step):
+        """Feed one policy call's scores (N,); True when this call declares a change."""
+        finite = surprise[np.isfinite(surprise)]
+        score = math.nan
+        if len(finite):
+            self.recent.append(float(finite.mean()))
+            score = float(np.mean(self.recent))
+            self.scores.append(score)
+        if not self.detector.update(score):
+            return False
+        self.detections.append(agent_step)
+        self.gate.trigger()
+        return True
+
+    def log_scalars(self):
+        """Score, threshold, gate and detection count since the last call."""
+        out = {"llcd_gate": float(self.gate.open), "llcd_detections": float(len(self.detections))}
+        if self.scores:
+            out["llcd_score"] = float(np.mean(self.scores))
+        if math.isfinite(self.detector.threshold):
+            out["llcd_threshold"] = self.detector.threshold
+        self.scores = []
+        return out
+
+    def switch_scalars(self, schedule, agent_step):
+        """Delay (agent steps) per scheduled switch so far, misses among finished windows,
+        false alarms per 100K agent steps."""
+        switches = [(j, start, end) for j, start, end in schedule.switches() if start <= agent_step]
+        report = detector.detection_report(self.detections, [(start, end) for _, start, end in switches], agent_step)
+        out = {"llcd_false_alarms_per_100k": report["false_alarms_per_unit"], "llcd_misses": 0.0}
+        for (j, _, end), delay in zip(switches, report["delays"]):
+            if math.isfinite(delay):
+                out[f"llcd_delay_window_{j}"] = delay
+            elif end <= agent_step:
+                out["llcd_misses"] += 1
+        return out
+
+    def state_dict(self):
+        return {"detector": self.detector.state_dict(), "gate": self.gate.state_dict(),
+                "recent": list(self.recent), "detections": list(self.detections)}
+
+    def load_state_dict(self, state):
+        self.detector.load_state_dict(state["detector"])
+        self.gate.load_state_dict(state["gate"])
+        self.recent.extend(state["recent"])
+        self.detections = list(state["detections"])
 
 
 # ----------------------------------------------------------------- training run
@@ -193,6 +288,9 @@ class Run:
         space = self.train_envs[0]
         self.agent = Dreamer(space.observation_space, space.action_space, config).to(config.device)
         self.random = exploration.Random(self.agent.action_dim, self.agent.discrete)
+        self.monitor = ChangeMonitor(config) if config.llcd else None
+        if self.monitor:
+            self.monitor.gate.trigger()  # the start of training is the first change (restore overrides)
         self.checkpoint_path = self.logdir / "latest.pt"
         self.restored_eval, self.restored_rows = None, None
         if self.checkpoint_path.exists():
@@ -243,7 +341,8 @@ class Run:
                 "optimizers": {k: v.state_dict() for k, v in self.agent.optimizers().items()},
                 "agent_step": self.agent_step, "updates": self.updates, "last_eval": self.last["eval"],
                 "eval_history": self.eval_history, "metrics_rows": self.logger.rows, "rng": tools.rng_states(),
-                "replay": self.replay.state_dict(), "config": self.config.to_dict()}
+                "replay": self.replay.state_dict(), "config": self.config.to_dict(),
+                "llcd": self.monitor.state_dict() if self.monitor else None}
 
     def restore(self, payload):
         self.agent.load_state_dict(payload["agent"])
@@ -255,6 +354,8 @@ class Run:
         self.restored_rows = payload["metrics_rows"]
         tools.set_rng_states(payload["rng"])
         self.replay.load_state_dict(payload["replay"])
+        if self.monitor:
+            self.monitor.load_state_dict(payload["llcd"])
         print(f"Resumed from {self.checkpoint_path} at env step {self.env_step} ({self.updates} updates, "
               f"{self.replay.num_episodes} episodes on disk).", flush=True)
 
@@ -290,7 +391,11 @@ class Run:
 
         def policy(obs, state):
             explore = not cfg.expl_until or self.agent_step < cfg.expl_until // cfg.action_repeat
-            return self.agent.policy(obs, state, "train", explore)
+            actions, state = self.agent.policy(obs, state, "train", explore)
+            if self.monitor and self.monitor.observe(state["surprise"], self.agent_step):
+                self.logger.scalar("llcd_detection", 1.0)
+                self.logger.write(self.env_step)
+            return actions, state
 
         def on_step(count):
             self.agent_step += count
@@ -337,8 +442,11 @@ class Run:
             return  # no stored episode is long enough yet; the due updates run once one is
         for _ in range(due):
             batch = self.replay.sample(cfg.batch_size, cfg.batch_length)
-            for key, value in self.agent.train_step(batch).items():
+            adapt = bool(self.monitor and self.monitor.gate.open)
+            for key, value in self.agent.train_step(batch, adapt).items():
                 self.metrics.setdefault(key, []).append(value)
+            if self.monitor:
+                self.monitor.gate.consume()
             self.updates += 1
 
     def on_train_episode(self, episode_return, length, episode):
@@ -367,6 +475,8 @@ class Run:
         log.scalar("replay_steps", self.replay.num_steps)
         for task, fraction in self.replay.task_fractions().items():
             log.scalar(f"replay_task_{task}_fraction", fraction)
+        for key, value in (self.monitor.log_scalars() if self.monitor else {}).items():
+            log.scalar(key, value)
         if cfg_pixels(self.config) and self.config.video_pred_log and self.replay.num_episodes:
             batch = self.agent.wm.preprocess(self.replay.sample(6, self.config.batch_length))
             log.video("train_openl", self.agent.wm.video_pred(batch))
@@ -386,21 +496,28 @@ class Run:
         self.save()
 
     def log_eval(self, prefix, envs):
-        returns, video = evaluate(self.agent, envs, self.config.eval_episode_num, cfg_pixels(self.config))
+        """Evaluate, log return (and video); returns (mean return, context means (n, Z) or None)."""
+        returns, video, zs = evaluate(self.agent, envs, self.config.eval_episode_num, cfg_pixels(self.config))
         self.logger.scalar(f"{prefix}_return", np.mean(returns))
         self.logger.scalar(f"{prefix}_return_std", np.std(returns))
         if video is not None:
             self.logger.video(f"{prefix}_policy", video[None])
-        return float(np.mean(returns))
+        return float(np.mean(returns)), zs
 
     def evaluate_every_task(self):
-        """Eval on every task of the schedule (eval envs only) and log the forgetting metrics."""
-        current = {}
+        """Eval on every task of the schedule (eval envs only) and log the forgetting metrics
+        and, with LLCD, the detection report and how well z tells the tasks apart."""
+        current, contexts = {}, {}
         for task in self.schedule.unique_tasks:
             set_task(self.eval_envs, task)
-            current[task] = self.log_eval(f"task_{task}_eval", self.eval_envs)
+            current[task], contexts[task] = self.log_eval(f"task_{task}_eval", self.eval_envs)
             self.eval_history.setdefault(task, []).append((self.agent_step, current[task]))
         self.logger.scalar("crl_avg_reward_all_tasks", np.mean(list(current.values())))
+        if self.monitor:
+            for key, value in self.monitor.switch_scalars(self.schedule, self.agent_step).items():
+                self.logger.scalar(key, value)
+            if len(contexts) > 1:
+                self.logger.scalar("llcd_probe_accuracy", tools.probe_accuracy(contexts))
         drops = []
         for task, value in current.items():
             end = self.schedule.first_window_end(task)
@@ -424,22 +541,29 @@ def cfg_pixels(config):
 
 
 def evaluate(agent, envs, episodes, record_video):
-    """Greedy-policy returns of ``episodes`` episodes; first episode's frames if ``record_video``."""
+    """Greedy-policy returns of ``episodes`` episodes, the first episode's frames if
+    ``record_video``, and with LLCD the context mean z of every step, in time order (n, Z)."""
     if episodes <= 0:
-        return [], None
+        return [], None, None
     recorder = tools.Replay(None, capacity=10 ** 9) if record_video else None
     driver = tools.Driver(envs, recorder)
-    returns, frames = [], []
+    returns, frames, zs = [], [], []
 
     def on_episode(episode_return, length, episode):
         returns.append(float(episode_return))
         if episode is not None and not frames:
             frames.append(episode["image"])
 
+    def policy(obs, state):
+        actions, state = agent.policy(obs, state, "eval")
+        if "z" in state:
+            zs.append(state["z"])
+        return actions, state
+
     agent.eval()
-    driver.run(lambda obs, state: agent.policy(obs, state, "eval"), episodes=episodes, on_episode=on_episode)
+    driver.run(policy, episodes=episodes, on_episode=on_episode)
     agent.train()
-    return returns[:episodes], (frames[0] if frames else None)
+    return returns[:episodes], (frames[0] if frames else None), (np.concatenate(zs) if zs else None)
 
 
 def setup_logdir(config):
@@ -462,7 +586,7 @@ def eval_only(config):
     envs = make_envs(saved, "eval", max(1, min(saved.envs, saved.eval_episode_num)))
     agent = Dreamer(envs[0].observation_space, envs[0].action_space, saved).to(config.device)
     agent.load_state_dict(payload["agent"])
-    returns, _ = evaluate(agent, envs, saved.eval_episode_num, False)
+    returns, _, _ = evaluate(agent, envs, saved.eval_episode_num, False)
     close_envs(envs)
     out = pathlib.Path(config.checkpoint).with_name("eval_returns.json")
     summary = {"checkpoint": str(config.checkpoint), "env_step": payload["agent_step"] * saved.action_repeat,

@@ -26,7 +26,13 @@ class WorldModel(nn.Module):
         self.encoder = networks.MultiEncoder(obs_shapes, config)
         self.dynamics = networks.RSSM(
             config.dyn_stoch, config.dyn_discrete, config.dyn_deter, config.dyn_hidden, action_dim,
-            self.encoder.out_dim, config.unimix_ratio, config.act, config.norm)
+            self.encoder.out_dim, config.unimix_ratio, config.act, config.norm,
+            context_dim=config.llcd_context_dim if config.llcd else 0)
+        self.context = None
+        if config.llcd:
+            self.context = networks.ContextEncoder(self.encoder.out_dim, action_dim, config.llcd_context_len,
+                                                   config.llcd_units, config.llcd_context_dim, config.act,
+                                                   config.norm)
         feat = self.dynamics.feat_dim
         self.decoder = networks.MultiDecoder(feat, obs_shapes, config)
         rh, ch = config.reward_head, config.cont_head
@@ -37,8 +43,13 @@ class WorldModel(nn.Module):
         self.loss_scales = {"reward": rh.loss_scale, "cont": ch.loss_scale,
                             "dyn": config.dyn_scale, "rep": config.rep_scale,
                             **{key: 1.0 for key in obs_shapes}}
-        self.optimizer = tools.Optimizer("model", self.parameters(), config.model_lr, config.opt_eps,
+        context_params = set(self.context.parameters()) if self.context is not None else set()
+        model_params = [p for p in self.parameters() if p not in context_params]
+        self.optimizer = tools.Optimizer("model", model_params, config.model_lr, config.opt_eps,
                                          config.grad_clip, config.weight_decay, config.precision)
+        if self.context is not None:
+            self.context_opt = tools.Optimizer("context", self.context.parameters(), config.llcd_lr,
+                                               config.opt_eps, config.grad_clip, 0.0, config.precision)
 
     def preprocess(self, data):
         """Numpy/tensor batch -> float tensors on the model's device; images to [-0.5, 0.5]."""
@@ -53,24 +64,46 @@ class WorldModel(nn.Module):
             out["cont"] = 1.0 - out["is_terminal"].float()
         return out
 
-    def compute_losses(self, data):
-        """All loss terms, each (B, T), plus the posterior and prior states."""
+    def infer_context(self, embed, data, adapt):
+        """LLCD context of every replayed step: (z (B,T,Z), KL to N(0,I) (B,T)), or (None, None)
+        without LLCD. The context encoder is in the graph only while ``adapt`` (gate open);
+        otherwise z is still inferred and used, with the encoder frozen."""
+        if self.context is None:
+            return None, None
+        with torch.set_grad_enabled(adapt and torch.is_grad_enabled()):
+            mean, std = self.context.sequence(embed.detach(), data["action"], data["is_first"])
+            z = mean + std * torch.randn_like(std)  # (B, T, Z)
+            return z, networks.gaussian_kl_to_standard(mean, std)
+
+    def compute_losses(self, data, adapt=False):
+        """All loss terms, each (B, T), the posterior and prior states, the raw KL and the
+        LLCD context KL (None without LLCD)."""
         embed = self.encoder(data)  # (B, T, E)
-        post, prior = self.dynamics.observe(embed, data["action"], data["is_first"])
+        context, context_kl = self.infer_context(embed, data, adapt)
+        post, prior = self.dynamics.observe(embed, data["action"], data["is_first"], context=context)
         dyn, rep, kl = self.dynamics.kl_losses(post["logit"], prior["logit"], self.config.kl_free)
         feat = self.dynamics.feat(post)  # (B, T, F)
         losses = {key: -dist.log_prob(data[key]) for key, dist in self.decoder(feat).items()}
         losses["reward"] = -self.reward(feat).log_prob(data["reward"])
         losses["cont"] = -self.cont(feat).log_prob(data["cont"])
         losses["dyn"], losses["rep"] = dyn, rep
-        return losses, post, prior, kl
+        return losses, post, prior, kl, context_kl
 
-    def train_step(self, data):
-        with tools.autocast(self.config.precision, self.config.device):
-            losses, post, prior, kl = self.compute_losses(data)
+    def train_step(self, data, adapt=False):
+        """One world-model update; with ``adapt`` (LLCD gate open) also one update of the
+        context encoder on llcd_scale * (model loss through z + llcd_beta * KL[q(z)||N(0,I)])."""
+        cfg = self.config
+        with tools.autocast(cfg.precision, cfg.device):
+            losses, post, prior, kl, context_kl = self.compute_losses(data, adapt)
             means = {key: value.mean() for key, value in losses.items()}
             model_loss = sum(self.loss_scales[key] * value for key, value in means.items())
-        metrics = self.optimizer.step(model_loss)
+        metrics = self.optimizer.step(model_loss, retain_graph=adapt)
+        if adapt:
+            adapt_loss = cfg.llcd_scale * (model_loss + cfg.llcd_beta * context_kl.mean())
+            metrics.update(self.context_opt.step(adapt_loss))
+        if context_kl is not None:
+            metrics["context_kl"] = context_kl.mean().detach()
+            metrics["context_z_std"] = post["context"].std(dim=(0, 1)).mean().detach()
         metrics.update({f"{key}_loss": value.detach() for key, value in means.items()})
         metrics["kl"] = kl.mean()
         metrics["prior_ent"] = networks.OneHotCategorical(prior["logit"], self.config.unimix_ratio).entropy().sum(-1).mean().detach()
@@ -78,15 +111,30 @@ class WorldModel(nn.Module):
         return post, metrics
 
     @torch.no_grad()
-    def video_pred(self, data, context=5, count=6):
-        """Open-loop prediction video: observe ``context`` frames, imagine the rest.
+    def surprise(self, post, data):
+        """LLCD score of live steps (SPEC §6.1): NLL of each observation under the model's
+        one-step prior prediction, i.e. the decoder applied to the prior's mode and the
+        deterministic state computed from the previous posterior and action. post: state
+        after ``obs_step`` (N, ...); returns (N,) float32 with NaN where ``is_first``."""
+        logit = self.dynamics.prior_logit(post["deter"])  # (N, S, K)
+        prior = {"deter": post["deter"], "stoch": networks.OneHotCategorical(logit, self.config.unimix_ratio).mode()}
+        dists = self.decoder(self.dynamics.feat(prior))
+        nll = sum(-dist.log_prob(data[key]) for key, dist in dists.items())  # (N,)
+        return nll.float().masked_fill(data["is_first"].bool(), float("nan"))
+
+    @torch.no_grad()
+    def video_pred(self, data, observed=5, count=6):
+        """Open-loop prediction video: observe ``observed`` frames, imagine the rest.
         Returns uint8 (count, T, H, 3*W): truth | model | error, side by side."""
         data = {key: value[:count] for key, value in data.items()}
         embed = self.encoder(data)
-        post, _ = self.dynamics.observe(embed[:, :context], data["action"][:, :context], data["is_first"][:, :context])
+        z, _ = self.infer_context(embed, data, adapt=False)
+        z = z[:, :observed] if z is not None else None
+        post, _ = self.dynamics.observe(embed[:, :observed], data["action"][:, :observed],
+                                        data["is_first"][:, :observed], context=z)
         state = {key: value[:, -1] for key, value in post.items()}
         states = []
-        for t in range(context, data["action"].shape[1]):
+        for t in range(observed, data["action"].shape[1]):
             state = self.dynamics.img_step(state, data["action"][:, t])
             states.append(state)
         feats = torch.cat([self.dynamics.feat(post), torch.stack([self.dynamics.feat(s) for s in states], 1)], 1)
@@ -105,7 +153,7 @@ class ImagBehavior(nn.Module):
         self.config = config
         self.wm = world_model
         self.discrete = discrete
-        feat = world_model.dynamics.feat_dim
+        feat = world_model.dynamics.policy_feat_dim
         a, c = config.actor, config.critic
         self.actor = networks.MLP(feat, action_dim, a.layers, config.units, config.act, config.norm,
                                   dist="onehot" if discrete else "normal", outscale=a.outscale,
@@ -120,13 +168,15 @@ class ImagBehavior(nn.Module):
         self.critic_opt = tools.Optimizer("critic", self.critic.parameters(), c.lr, c.eps, c.grad_clip, 0.0, p)
 
     def train_step(self, start, objective):
-        """start: posterior state dict with (B, T, ...) tensors; objective(feats (H+1, N, F),
+        """start: posterior state dict with (B, T, ...) tensors; objective(states {key: (H+1, N, ...)},
         actions (H, N, A)) -> reward (H, N) for arriving at imagined states 1..H."""
         cfg = self.config
+        dynamics = self.wm.dynamics
         with tools.autocast(cfg.precision, cfg.device):
-            feats, actions, entropies, log_probs = self.imagine(start, cfg.imag_horizon)
-            reward = objective(feats, actions)  # (H, N)
-            discount = cfg.discount * self.wm.cont(feats[1:]).mean()  # (H, N)
+            states, actions, entropies, log_probs = self.imagine(start, cfg.imag_horizon)
+            reward = objective(states, actions)  # (H, N)
+            discount = cfg.discount * self.wm.cont(dynamics.feat(states)[1:]).mean()  # (H, N)
+            feats = dynamics.policy_feat(states)  # (H+1, N, F)
             critic = self.critic(feats)  # over (H+1, N); one forward serves actor and critic losses
             value = critic.mode()  # (H+1, N)
             returns = lambda_return(reward, value, discount, cfg.discount_lambda)  # (H, N)
@@ -147,20 +197,23 @@ class ImagBehavior(nn.Module):
         return metrics
 
     def imagine(self, start, horizon):
-        """Roll the prior forward with the actor. Returns feats (H+1, N, F), actions (H, N, A),
-        entropies (H, N) and log-probs of the actions (H, N)."""
+        """Roll the prior forward with the actor from every start state (the LLCD context z
+        stays fixed along a rollout). Returns states {deter, stoch[, context]: (H+1, N, ...)},
+        actions (H, N, A), entropies (H, N) and log-probs of the actions (H, N)."""
         dynamics = self.wm.dynamics
-        state = {key: start[key].detach().flatten(0, 1) for key in ("deter", "stoch")}  # (N, ...)
-        feats, actions, entropies, log_probs = [dynamics.feat(state)], [], [], []
+        keys = [key for key in ("deter", "stoch", "context") if key in start]
+        state = {key: start[key].detach().flatten(0, 1) for key in keys}  # (N, ...)
+        states, actions, entropies, log_probs = [state], [], [], []
         for _ in range(horizon):
-            dist = self.actor(feats[-1].detach())
+            dist = self.actor(dynamics.policy_feat(state).detach())
             action = dist.sample()
             state = dynamics.img_step(state, action)
-            feats.append(dynamics.feat(state))
+            states.append(state)
             actions.append(action)
             entropies.append(dist.entropy())
             log_probs.append(dist.log_prob(action.detach()))
-        return torch.stack(feats), torch.stack(actions), torch.stack(entropies), torch.stack(log_probs)
+        states = {key: torch.stack([s[key] for s in states]) for key in keys}
+        return states, torch.stack(actions), torch.stack(entropies), torch.stack(log_probs)
 
     def critic_loss(self, dist, feats, returns, weights):
         """Two-hot NLL of λ-returns plus regularisation toward the slow critic's prediction.

@@ -187,6 +187,7 @@ class NormLayer(nn.Sequential):
             layers.append(nn.LayerNorm(out, eps=1e-3))
         layers.append(getattr(nn, act)())
         super().__init__(*layers)
+        self.apply(fan_avg_init_)
 
 
 class MLP(nn.Module):
@@ -231,13 +232,27 @@ class MLP(nn.Module):
         return x
 
 
+def fan_avg(weight):
+    """Average of fan-in and fan-out of a linear or conv weight."""
+    receptive = weight[0, 0].numel() if weight.dim() > 2 else 1
+    return (weight.shape[0] + weight.shape[1]) * receptive / 2
+
+
+def fan_avg_init_(module):
+    """DreamerV3 initialisation: truncated normal with variance 1/fan_avg; zero biases."""
+    if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+        std = math.sqrt(1.0 / fan_avg(module.weight)) / 0.87962566103423978  # unit normal truncated at +-2
+        nn.init.trunc_normal_(module.weight, 0.0, std, -2 * std, 2 * std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
 def init_output(layer, scale):
     """Scaled fan-average uniform init for an output layer; scale 0 gives zeros."""
     if scale == 0.0:
         nn.init.zeros_(layer.weight)
     else:
-        fan = (layer.in_features + layer.out_features) / 2
-        limit = math.sqrt(3 * scale / fan)
+        limit = math.sqrt(3 * scale / fan_avg(layer.weight))
         nn.init.uniform_(layer.weight, -limit, limit)
     if layer.bias is not None:
         nn.init.zeros_(layer.bias)
@@ -266,6 +281,7 @@ class ConvEncoder(nn.Module):
             inp, out = out, out * 2
         self.layers = nn.Sequential(*layers)
         self.out_dim = inp * minres * minres
+        self.apply(fan_avg_init_)
 
     def forward(self, image):  # (..., H, W, C) in [0, 1] - 0.5
         lead = image.shape[:-3]
@@ -292,6 +308,8 @@ class ConvDecoder(nn.Module):
             inp = out
         self.layers = nn.Sequential(*layers)
         self.shape = shape
+        self.apply(fan_avg_init_)
+        init_output(layers[-1], outscale)
 
     def forward(self, feat):  # (..., F)
         lead = feat.shape[:-1]
@@ -356,12 +374,14 @@ class RSSM(nn.Module):
     """
 
     def __init__(self, stoch, discrete, deter, hidden, action_dim, embed_dim,
-                 unimix=0.01, act="SiLU", norm=True):
+                 unimix=0.01, act="SiLU", norm=True, context_dim=0):
         super().__init__()
         self.stoch, self.discrete, self.deter, self.unimix = stoch, discrete, deter, unimix
+        self.context_dim = context_dim
         flat = stoch * discrete
         self.in_stoch = nn.Linear(flat, hidden, bias=False)
         self.in_action = nn.Linear(action_dim, hidden, bias=False)
+        self.in_context = nn.Linear(context_dim, hidden, bias=False) if context_dim else None
         self.in_norm = nn.Sequential(nn.LayerNorm(hidden, eps=1e-3), getattr(nn, act)())
         self.gru = nn.Linear(hidden + deter, 3 * deter, bias=False)
         self.gru_norm = nn.LayerNorm(3 * deter, eps=1e-3)
@@ -371,6 +391,7 @@ class RSSM(nn.Module):
         self.post_norm = nn.Sequential(nn.LayerNorm(hidden, eps=1e-3), getattr(nn, act)())
         self.post_logit = nn.Linear(hidden, flat)
         self.initial_deter = nn.Parameter(torch.zeros(deter))
+        self.apply(fan_avg_init_)
 
     @property
     def feat_dim(self):
@@ -383,8 +404,25 @@ class RSSM(nn.Module):
         stoch = OneHotCategorical(logit, self.unimix).mode()
         return {"deter": deter, "stoch": stoch, "logit": logit}
 
+    @property
+    def policy_feat_dim(self):
+        return self.feat_dim + self.context_dim
+
     def feat(self, state):
         return torch.cat([state["stoch"].flatten(-2), state["deter"]], -1)  # (..., S*K + D)
+
+    def policy_feat(self, state):
+        """Actor/critic input: feat plus the LLCD context z when the model has one."""
+        if self.in_context is None:
+            return self.feat(state)
+        return torch.cat([self.feat(state), state["context"]], -1)  # (..., S*K + D + Z)
+
+    def input_projection(self, action, context=None):
+        """Everything the GRU input gets besides the stochastic state: action (and context z)."""
+        projected = self.in_action(action)  # (..., H)
+        if self.in_context is not None:
+            projected = projected + self.in_context(context)
+        return projected
 
     def prior_logit(self, deter):
         return self.prior_net(deter).unflatten(-1, (self.stoch, self.discrete))  # (..., S, K)
@@ -398,13 +436,14 @@ class RSSM(nn.Module):
         update = torch.sigmoid(update - 1)
         return update * cand + (1 - update) * deter
 
-    def observe(self, embed, action, is_first, state=None):
+    def observe(self, embed, action, is_first, state=None, context=None):
         """Posterior scan. embed (B,T,E), action (B,T,A) = action that led to each step,
-        is_first (B,T). Returns (post, prior) state dicts with (B,T,...) tensors."""
+        is_first (B,T), context (B,T,Z) or None. Returns (post, prior) state dicts with
+        (B,T,...) tensors; with a context, post carries it as ``context``."""
         batch, length = embed.shape[:2]
         state = state or self.initial(batch)
         first = is_first.float().unsqueeze(-1)  # (B, T, 1)
-        action_in = self.in_action(action * (1 - first))  # (B, T, H)
+        action_in = self.input_projection(action * (1 - first), context)  # (B, T, H)
         embed_in = self.post_embed(embed)  # (B, T, H)
         init = self.initial(batch)
         deter, stoch = state["deter"], state["stoch"]
@@ -422,19 +461,27 @@ class RSSM(nn.Module):
             logits.append(logit)
         deter = torch.stack(deters, 1)  # (B, T, D)
         post = {"deter": deter, "stoch": torch.stack(stochs, 1), "logit": torch.stack(logits, 1)}
+        if context is not None:
+            post["context"] = context
         prior = {"deter": deter, "logit": self.prior_logit(deter)}
         return post, prior
 
-    def obs_step(self, state, action, embed, is_first):
-        """One live posterior step for acting: (N,...) tensors, ``is_first`` (N,)."""
-        post, _ = self.observe(embed[:, None], action[:, None], is_first[:, None], state)
+    def obs_step(self, state, action, embed, is_first, context=None):
+        """One live posterior step for acting: (N,...) tensors, ``is_first`` (N,), context (N,Z)."""
+        context = context[:, None] if context is not None else None
+        post, _ = self.observe(embed[:, None], action[:, None], is_first[:, None], state, context)
         return {key: value[:, 0] for key, value in post.items()}
 
     def img_step(self, state, action):
-        """One prior step: state (N,...), action (N,A) -> next state sampled from the prior."""
-        deter = self.recur(state["stoch"], self.in_action(action), state["deter"])
+        """One prior step: state (N,...), action (N,A) -> next state sampled from the prior.
+        A ``context`` in ``state`` conditions the step and is carried to the next state."""
+        context = state.get("context")
+        deter = self.recur(state["stoch"], self.input_projection(action, context), state["deter"])
         logit = self.prior_logit(deter)
-        return {"deter": deter, "stoch": OneHotCategorical(logit, self.unimix).sample(), "logit": logit}
+        nxt = {"deter": deter, "stoch": OneHotCategorical(logit, self.unimix).sample(), "logit": logit}
+        if context is not None:
+            nxt["context"] = context
+        return nxt
 
     def kl_losses(self, post_logit, prior_logit, free):
         """DreamerV3 KL balancing terms, each (B, T) and clipped below at ``free`` nats.
@@ -444,3 +491,78 @@ class RSSM(nn.Module):
         dyn = categorical_kl(post.detach(), prior)
         rep = categorical_kl(post, prior.detach())
         return dyn.clamp(min=free), rep.clamp(min=free), dyn.detach()
+
+
+# ----------------------------------------------------------------- LLCD context
+
+
+class ContextEncoder(nn.Module):
+    """LLCD context latent: a Gaussian z inferred from the last K transitions (SPEC §6.3).
+
+    Transition j is (e_{j-1}, a_j, e_j): the embeddings before and after action a_j, so
+    a feature of it can carry how the world responded to the action (the physics).
+    Each becomes ``f_j = MLP([e_{j-1}, a_j, e_j])``; z_t's posterior comes from the
+    masked mean of f over the K transitions before step t of the same episode (lags
+    1..K, none across an ``is_first``), so z_t never sees observation t and the prior
+    prediction of step t (the LLCD surprise) is a real prediction.
+
+    Acting and training run the same ``posterior(history, valid)``: at acting time on
+    a live (N, K, U) history (``step``), at training time on the (B, T, K, U) stack of
+    lagged features of a replayed sequence (``sequence``).
+    """
+
+    def __init__(self, embed_dim, action_dim, length, units, dim, act="SiLU", norm=True, min_std=0.1):
+        super().__init__()
+        self.length, self.units, self.dim, self.min_std = length, units, dim, min_std
+        self.transition = MLP(2 * embed_dim + action_dim, None, 1, units, act, norm)
+        self.head = MLP(units, 2 * dim, 1, units, act, norm)
+
+    def features(self, prev_embed, action, embed):
+        return self.transition(torch.cat([prev_embed, action, embed], -1))  # (..., U)
+
+    def posterior(self, history, valid):
+        """history (..., K, U), valid (..., K) -> mean, std of q(z | context), each (..., Z)."""
+        weights = valid.to(history.dtype).unsqueeze(-1)  # (..., K, 1)
+        pooled = (history * weights).sum(-2) / weights.sum(-2).clamp(min=1.0)  # (..., U)
+        mean, raw_std = self.head(pooled).float().chunk(2, -1)
+        return mean, F.softplus(raw_std) + self.min_std
+
+    def sequence(self, embed, action, is_first):
+        """Training-time posteriors for every step of replayed sequences.
+        embed (B,T,E), action (B,T,A), is_first (B,T) -> mean, std (B,T,Z)."""
+        batch, length = is_first.shape
+        prev = torch.cat([torch.zeros_like(embed[:, :1]), embed[:, :-1]], 1)  # (B, T, E)
+        feats = self.features(prev, action, embed)  # (B, T, U)
+        time = torch.arange(length, device=embed.device)
+        episode = is_first.long().cumsum(1)  # (B, T) episode index inside the sequence
+        valid = ~is_first.bool() & (time > 0)  # transition j needs e_{j-1} of the same episode
+        lags = torch.arange(1, self.length + 1, device=embed.device)  # (K,)
+        source = time[:, None] - lags  # (T, K): step of the transition at each lag
+        inside = source >= 0
+        index = source.clamp(min=0)
+        history = feats[:, index]  # (B, T, K, U)
+        same = episode[:, index] == episode[:, :, None]  # (B, T, K)
+        mask = valid[:, index] & same & inside  # (B, T, K)
+        return self.posterior(history, mask)
+
+    def initial(self, batch, embed_dim, device):
+        """Empty live context for ``batch`` envs."""
+        return {"history": torch.zeros(batch, self.length, self.units, device=device),
+                "valid": torch.zeros(batch, self.length, dtype=torch.bool, device=device),
+                "embed": torch.zeros(batch, embed_dim, device=device)}
+
+    def step(self, context, action, embed, is_first):
+        """One live step. Returns q(z_t)'s (mean, std) from the history before step t and
+        the history with transition t pushed. action (N,A), embed (N,E), is_first (N,)."""
+        keep = ~is_first.bool()
+        valid = context["valid"] & keep[:, None]  # an episode start clears the history
+        mean, std = self.posterior(context["history"], valid)
+        feat = self.features(context["embed"], action, embed)  # (N, U)
+        history = torch.cat([feat[:, None].to(context["history"].dtype), context["history"][:, :-1]], 1)
+        valid = torch.cat([keep[:, None], valid[:, :-1]], 1)
+        return (mean, std), {"history": history, "valid": valid, "embed": embed}
+
+
+def gaussian_kl_to_standard(mean, std):
+    """KL[N(mean, std^2) || N(0, I)] summed over the last axis."""
+    return 0.5 * (mean ** 2 + std ** 2 - 1.0 - 2.0 * torch.log(std)).sum(-1)

@@ -36,6 +36,7 @@ CHOICES = {
     "disag_target": ("stoch", "deter", "feat", "embed"),
     "replay": ("fifo", "reservoir"),
     "crl_switch": ("immediate", "episode"),
+    "llcd_gate": ("detector", "always", "never"),
 }
 
 
@@ -191,14 +192,21 @@ def load_config(argv, path=ROOT / "configs.yaml"):
 def validate(config):
     """Reject impossible values before anything runs."""
     positive = ["steps", "batch_size", "batch_length", "train_ratio", "envs", "action_repeat",
-                "eval_every", "log_every", "dataset_size", "imag_horizon"]
+                "eval_every", "log_every", "dataset_size", "imag_horizon", "llcd_context_len",
+                "llcd_context_dim", "llcd_units", "llcd_lr", "llcd_smoothing", "llcd_history_window",
+                "llcd_sigma", "llcd_patience", "llcd_burn_in"]
     for key in positive:
         if config[key] <= 0:
             raise ConfigError(f"'{key}' must be > 0, got {config[key]}")
     if config["crl_tasks"]:
         validate_schedule(config)
-    if config["prefill"] < 0 or config["eval_episode_num"] < 0:
-        raise ConfigError("'prefill' and 'eval_episode_num' must be >= 0")
+    for key in ("prefill", "eval_episode_num", "llcd_adapt_updates", "llcd_scale", "llcd_beta",
+                "llcd_std_floor", "llcd_cooldown"):
+        if config[key] < 0:
+            raise ConfigError(f"'{key}' must be >= 0, got {config[key]}")
+    if config["llcd_burn_in"] > config["llcd_history_window"]:
+        raise ConfigError(f"'llcd_burn_in' ({config['llcd_burn_in']}) must not exceed "
+                          f"'llcd_history_window' ({config['llcd_history_window']})")
     if not config["task"].startswith("dmc_"):
         raise ConfigError(f"task '{config['task']}' is not supported: use a DMC task such as 'dmc_walker_walk'")
     if config["batch_length"] * config["action_repeat"] > config["time_limit"]:
@@ -618,6 +626,44 @@ def autocast(precision, device):
     if precision == 16:
         return torch.autocast(device_type, dtype=torch.float16)
     return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------- probes
+
+
+def probe_accuracy(features, iterations=300, seed=0):
+    """How well a linear classifier tells tasks apart from features (SPEC §6.6).
+
+    ``features``: {task: (n, D) array in time order}. A multinomial logistic regression
+    is fitted on the first half of every task's rows and scored on the second half (a
+    time split: neighbouring steps are near-duplicates, a random split would leak).
+    Returns held-out accuracy in [0, 1]; chance is 1 / number of tasks.
+    """
+    halves = [(np.asarray(x, np.float32)[: len(x) // 2], np.asarray(x, np.float32)[len(x) // 2:])
+              for x in features.values()]
+    train_x = torch.as_tensor(np.concatenate([a for a, _ in halves]))
+    test_x = torch.as_tensor(np.concatenate([b for _, b in halves]))
+    train_y = torch.cat([torch.full((len(a),), k) for k, (a, _) in enumerate(halves)])
+    test_y = torch.cat([torch.full((len(b),), k) for k, (_, b) in enumerate(halves)])
+    mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
+    generator = torch.Generator().manual_seed(seed)
+    probe = torch.nn.Linear(train_x.shape[1], len(halves))
+    with torch.no_grad():
+        probe.weight.normal_(0.0, 0.01, generator=generator)
+        probe.bias.zero_()
+    optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(probe((train_x - mean) / std), train_y)
+        loss = loss + 1e-3 * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        return float((probe((test_x - mean) / std).argmax(-1) == test_y).float().mean())
 
 
 # ----------------------------------------------------------------- seeding

@@ -160,9 +160,9 @@ def test_imag_behavior_train_step_updates_actor_critic_and_slow_critic():
     post, _ = wm.train_step(data)
     start = {key: value.detach() for key, value in post.items()}
 
-    def objective(feats, actions):
-        assert feats.shape[0] == config.imag_horizon + 1 and actions.shape[0] == config.imag_horizon
-        return wm.reward(feats[1:]).mode()
+    def objective(states, actions):
+        assert states["deter"].shape[0] == config.imag_horizon + 1 and actions.shape[0] == config.imag_horizon
+        return wm.reward(wm.dynamics.feat(states)[1:]).mode()
 
     actor_before = params_vector(behavior.actor)
     slow_before = [p.detach().clone() for p in behavior.slow_critic.parameters()]
@@ -193,7 +193,7 @@ def test_slow_critic_tracks_critic_over_updates():
     data = wm.preprocess(random_batch(config, seed=3))
     post, _ = wm.train_step(data)
     start = {key: value.detach() for key, value in post.items()}
-    objective = lambda feats, actions: torch.ones(feats.shape[0] - 1, feats.shape[1])  # noqa: E731
+    objective = lambda states, actions: torch.ones(actions.shape[:2])  # noqa: E731
     behavior.train_step(start, objective)
     # freeze the critic afterwards: the slow copy must converge to it geometrically
     behavior.critic_opt.opt.param_groups[0]["lr"] = 0.0

@@ -1,0 +1,302 @@
+"""LLCD (SPEC §6): the context encoder, the adaptation gate, the surprise score, the
+detection report, the probe, ``--llcd False`` and a tiny end-to-end continual run."""
+
+import contextlib
+import io
+import json
+import math
+import os
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import detector  # noqa: E402
+import dreamer  # noqa: E402
+import models  # noqa: E402
+import networks  # noqa: E402
+import tools  # noqa: E402
+from test_models import ACTION_DIM, OBS_DIM, params_vector, random_batch  # noqa: E402
+
+EMBED, K, UNITS, Z = 6, 4, 16, 3
+
+
+def make_encoder(seed=0):
+    torch.manual_seed(seed)
+    return networks.ContextEncoder(EMBED, ACTION_DIM, K, UNITS, Z)
+
+
+def sequences(batch=3, length=12, seed=0, resets=((1, 5),)):
+    """Random (embed, action, is_first) with an episode start at t=0 and at ``resets``."""
+    generator = torch.Generator().manual_seed(seed)
+    embed = torch.randn(batch, length, EMBED, generator=generator)
+    action = torch.rand(batch, length, ACTION_DIM, generator=generator) * 2 - 1
+    is_first = torch.zeros(batch, length, dtype=torch.bool)
+    is_first[:, 0] = True
+    for b, t in resets:
+        is_first[b, t] = True
+    return embed, action, is_first
+
+
+def llcd_config(*extra):
+    config = tools.load_config(["--configs", "debug", "--llcd", "True", *extra])
+    config.device = "cpu"
+    return config
+
+
+# ----------------------------------------------------------------- context encoder
+
+
+def test_context_posterior_shapes_and_std_floor():
+    encoder = make_encoder()
+    embed, action, is_first = sequences()
+    mean, std = encoder.sequence(embed, action, is_first)
+    assert mean.shape == std.shape == (3, 12, Z)
+    assert (std >= encoder.min_std).all() and torch.isfinite(mean).all()
+
+
+def test_acting_and_training_give_the_same_context():
+    """The live step-by-step path and the replayed-sequence path compute the same q(z_t)."""
+    encoder = make_encoder(1)
+    embed, action, is_first = sequences(length=15, resets=((1, 5), (2, 9)))
+    with torch.no_grad():
+        mean, std = encoder.sequence(embed, action, is_first)
+        live = encoder.initial(3, EMBED, "cpu")
+        for t in range(embed.shape[1]):
+            (step_mean, step_std), live = encoder.step(live, action[:, t], embed[:, t], is_first[:, t])
+            torch.testing.assert_close(step_mean, mean[:, t], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(step_std, std[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_context_is_causal_windowed_and_stops_at_episode_starts():
+    encoder = make_encoder(2)
+    embed, action, is_first = sequences(batch=2, length=14, resets=((1, 6),))
+    with torch.no_grad():
+        base, _ = encoder.sequence(embed, action, is_first)
+        # z_t never sees observation t or later
+        later = embed.clone()
+        later[:, 8:] += 5.0
+        changed, _ = encoder.sequence(later, action, is_first)
+        torch.testing.assert_close(changed[:, :9], base[:, :9])
+        assert not torch.allclose(changed[:, 9], base[:, 9])
+        # beyond K transitions the past is forgotten: steps > 2 + K ignore embedding 2
+        early = embed.clone()
+        early[0, 2] += 5.0
+        changed, _ = encoder.sequence(early, action, is_first)
+        assert not torch.allclose(changed[0, 3], base[0, 3])
+        torch.testing.assert_close(changed[0, 4 + K:], base[0, 4 + K:])
+        # nothing crosses an episode start: sequence 1 restarts at t=6
+        before = embed.clone()
+        before[1, :6] += 5.0
+        changed, _ = encoder.sequence(before, action, is_first)
+        torch.testing.assert_close(changed[1, 6:], base[1, 6:])
+        # at an episode start the history is empty: every such z is the same
+        torch.testing.assert_close(base[1, 6], base[1, 0])
+
+
+def test_gradient_reaches_the_context_encoder_only_while_the_gate_is_open():
+    torch.manual_seed(0)
+    config = llcd_config()
+    wm = models.WorldModel({"state": (OBS_DIM,)}, ACTION_DIM, config)
+    data = wm.preprocess(random_batch(config))
+    context_before, model_before = params_vector(wm.context), params_vector(wm.dynamics)
+    _, closed = wm.train_step(data, adapt=False)
+    assert torch.equal(params_vector(wm.context), context_before)
+    assert all(p.grad is None for p in wm.context.parameters())
+    assert not torch.equal(params_vector(wm.dynamics), model_before)
+    assert "context_loss" not in closed and math.isfinite(float(closed["context_kl"]))
+    _, opened = wm.train_step(data, adapt=True)
+    assert not torch.equal(params_vector(wm.context), context_before)
+    assert math.isfinite(float(opened["context_loss"]))
+    # adaptation loss = llcd_scale * (model loss + beta * KL)
+    expected = config.llcd_scale * (float(opened["model_loss"]) + config.llcd_beta * float(opened["context_kl"]))
+    assert float(opened["context_loss"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_context_conditions_the_transition_and_the_actor_critic_features():
+    torch.manual_seed(0)
+    config = llcd_config()
+    wm = models.WorldModel({"state": (OBS_DIM,)}, ACTION_DIM, config)
+    behavior = models.ImagBehavior(config, wm, ACTION_DIM, discrete=False)
+    dynamics = wm.dynamics
+    assert behavior.actor.body[0][0].in_features == dynamics.feat_dim + config.llcd_context_dim
+    state = dynamics.initial(2)
+    action = torch.zeros(2, ACTION_DIM)
+    z = torch.randn(2, config.llcd_context_dim)
+    a = dynamics.img_step({**state, "context": z}, action)
+    b = dynamics.img_step({**state, "context": z + 1.0}, action)
+    assert not torch.allclose(a["deter"], b["deter"])
+    assert torch.equal(a["context"], z)
+    assert dynamics.policy_feat(a).shape == (2, dynamics.policy_feat_dim)
+
+
+def test_llcd_false_is_plain_dreamer_without_context_parameters():
+    torch.manual_seed(0)
+    plain = models.WorldModel({"state": (OBS_DIM,)}, ACTION_DIM, llcd_config("--llcd", "False"))
+    with_llcd = models.WorldModel({"state": (OBS_DIM,)}, ACTION_DIM, llcd_config())
+    assert plain.context is None and plain.dynamics.in_context is None
+    assert not any("context" in name for name, _ in plain.named_parameters())
+    assert plain.dynamics.policy_feat_dim == plain.dynamics.feat_dim
+    extra = {name for name, _ in with_llcd.named_parameters()} - {name for name, _ in plain.named_parameters()}
+    assert extra and all(name.startswith(("context.", "dynamics.in_context")) for name in extra)
+    _, metrics = plain.train_step(plain.preprocess(random_batch(plain.config)))
+    assert not any(key.startswith("context") for key in metrics)
+
+
+# ----------------------------------------------------------------- gate
+
+
+def test_gate_opens_for_exactly_the_configured_updates_after_a_detection():
+    gate = detector.AdaptationGate("detector", 3)
+    assert not gate.open
+    gate.trigger()
+    opened = []
+    for _ in range(5):
+        opened.append(gate.open)
+        gate.consume()
+    assert opened == [True, True, True, False, False]
+    gate.trigger()
+    gate.consume()
+    assert gate.remaining == 2
+    gate.trigger()  # a new detection restarts the window
+    assert gate.open and gate.remaining == 3
+
+
+def test_gate_modes_and_state_round_trip():
+    always, never = detector.AdaptationGate("always", 3), detector.AdaptationGate("never", 3)
+    for gate in (always, never):
+        gate.trigger()
+        for _ in range(5):
+            gate.consume()
+    assert always.open and not never.open
+    gate = detector.AdaptationGate("detector", 4)
+    gate.trigger()
+    gate.consume()
+    copy = detector.AdaptationGate("detector", 4)
+    copy.load_state_dict(gate.state_dict())
+    assert copy.open and copy.remaining == 3
+    with pytest.raises(ValueError, match="detector"):
+        detector.AdaptationGate("sometimes", 3)
+
+
+# ----------------------------------------------------------------- surprise and monitor
+
+
+def test_surprise_is_nan_at_episode_starts_and_grows_with_prediction_error():
+    config = llcd_config()
+    torch.manual_seed(0)
+    agent = dreamer.Dreamer(dreamer_obs_space(), dreamer_act_space(), config)
+    obs = {"state": np.zeros((2, OBS_DIM), np.float32), "is_first": np.array([True, False])}
+    _, state = agent.policy(obs, None, "eval")
+    assert math.isnan(state["surprise"][0]) and math.isfinite(state["surprise"][1])
+    assert state["z"].shape == (2, config.llcd_context_dim)
+    near = {"state": np.zeros((2, OBS_DIM), np.float32), "is_first": np.array([False, False])}
+    far = {"state": np.full((2, OBS_DIM), 50.0, np.float32), "is_first": np.array([False, False])}
+    _, near_state = agent.policy(near, state, "eval")
+    _, far_state = agent.policy(far, state, "eval")
+    assert (far_state["surprise"] > near_state["surprise"]).all()
+
+
+def dreamer_obs_space():
+    import gymnasium as gym
+
+    return gym.spaces.Dict({"state": gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32),
+                            "is_first": gym.spaces.Box(0, 1, (), bool)})
+
+
+def dreamer_act_space():
+    import gymnasium as gym
+
+    return gym.spaces.Box(-1, 1, (ACTION_DIM,), np.float32)
+
+
+def test_monitor_detects_a_jump_opens_the_gate_and_reports_the_delay():
+    config = llcd_config("--llcd_burn_in", "50", "--llcd_history_window", "100", "--llcd_patience", "4",
+                         "--llcd_adapt_updates", "10", "--llcd_cooldown", "100")
+    monitor = dreamer.ChangeMonitor(config)
+    rng = np.random.default_rng(0)
+    jump_at = 300
+    for step in range(600):
+        level = 10.0 if step < jump_at else 20.0
+        scores = level + rng.normal(0, 1, 2)
+        scores[0] = np.nan if step % 100 == 0 else scores[0]  # an env at an episode start
+        monitor.observe(scores, step)
+    assert monitor.detections == [jump_at + 3]  # patience 4: declared on the 4th alarming step
+    assert monitor.gate.open and monitor.gate.remaining == 10
+    schedule = dreamer.Schedule(tools.Config({"crl_tasks": [0, 1], "crl_steps_per_task": 250, "prefill": 50}))
+    scalars = monitor.switch_scalars(schedule, 600)
+    assert scalars["llcd_delay_window_1"] == 3 and scalars["llcd_misses"] == 0
+    assert scalars["llcd_false_alarms_per_100k"] == 0
+    logged = monitor.log_scalars()
+    assert logged["llcd_detections"] == 1 and logged["llcd_gate"] == 1.0 and "llcd_score" in logged
+
+
+def test_detection_report_hand_computed():
+    report = detector.detection_report([50, 120, 130, 260, 420], [(100, 200), (200, 300), (300, 400)], 500,
+                                       unit=100)
+    assert report["delays"][:2] == [20, 60] and math.isnan(report["delays"][2])
+    assert report["misses"] == 1
+    assert report["false_alarms"] == 3  # 50 (before any switch), 130 (second in a window), 420 (after)
+    assert report["false_alarms_per_unit"] == pytest.approx(3 / 500 * 100)
+
+
+def test_probe_accuracy_separates_tasks_and_is_near_chance_without_signal():
+    rng = np.random.default_rng(0)
+    apart = {task: rng.normal(size=(100, 4)) + 3.0 * task for task in range(3)}
+    same = {task: rng.normal(size=(100, 4)) for task in range(3)}
+    assert tools.probe_accuracy(apart) > 0.95
+    assert tools.probe_accuracy(same) < 0.55
+
+
+# ----------------------------------------------------------------- end to end
+
+CRL = ["--configs", "dmc_crl_cartpole", "debug", "--crl_tasks", "[0, 3]", "--crl_steps_per_task", "100",
+       "--train_ratio", "16", "--eval_every", "100", "--device", "cpu", "--threads", "1", "--llcd", "True",
+       "--llcd_burn_in", "20", "--llcd_history_window", "40", "--llcd_adapt_updates", "5"]
+
+
+def run_main(args):
+    with contextlib.redirect_stdout(io.StringIO()):
+        dreamer.main(list(args))
+
+
+def rows(logdir):
+    return [json.loads(line) for line in (pathlib.Path(logdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+class Stop(Exception):
+    pass
+
+
+def test_llcd_run_logs_score_gate_probe_and_resumes_the_detector(tmp_path, monkeypatch):
+    args = CRL + ["--logdir", str(tmp_path), "--llcd_gate", "always"]
+    original = dreamer.Run.train_due_updates
+
+    def crash_after_step_230(run):
+        if run.agent_step >= 230:
+            raise Stop
+        original(run)
+
+    monkeypatch.setattr(dreamer.Run, "train_due_updates", crash_after_step_230)
+    with pytest.raises(Stop):
+        run_main(args)
+    saved = tools.load_checkpoint(tmp_path / "latest.pt", "cpu")
+    assert 100 < saved["agent_step"] < 230
+    assert saved["llcd"]["detector"]["steps"] == saved["agent_step"] - 100
+    monkeypatch.setattr(dreamer.Run, "train_due_updates", original)
+    run_main(args)
+    logged = rows(tmp_path)
+    training = [r for r in logged if "model_loss" in r]
+    assert training and all("llcd_score" in r and "llcd_gate" in r for r in training)
+    assert all(r["llcd_gate"] == 1.0 and "context_loss" in r for r in training)
+    evals = [r for r in logged if "crl_avg_reward_all_tasks" in r]
+    assert evals and all(0.0 <= r["llcd_probe_accuracy"] <= 1.0 for r in evals)
+    assert all("llcd_false_alarms_per_100k" in r for r in evals)
+    # one score per policy call after prefill (1 env): the resumed detector continued its count
+    final = tools.load_checkpoint(tmp_path / "latest.pt", "cpu")
+    assert final["agent_step"] == 300 and final["llcd"]["detector"]["steps"] == 300 - 100
