@@ -10,10 +10,14 @@ The loop: prefill the replay with random actions, then alternate acting in
 ``train_ratio`` replayed steps are trained on per agent step; evaluate every
 ``eval_every`` env steps, log every ``log_every``, checkpoint every
 ``checkpoint_every`` to ``latest.pt`` (atomic). Re-running the same command
-resumes from ``latest.pt`` and the episodes on disk.
+resumes from ``latest.pt``, with the episodes on disk put back as that
+checkpoint saw them (after a kill -9 too). Bad input, an incompatible
+checkpoint, a failed save and repeated non-finite updates end the run with
+one ``error: ...`` line naming the fix.
 """
 
 import collections
+import errno
 import functools
 import json
 import math
@@ -274,15 +278,18 @@ class ChangeMonitor:
 class Run:
     """State and phases of one training run (prefill, train, eval, checkpoint)."""
 
-    def __init__(self, config, logdir):
+    def __init__(self, config, logdir, payload=None):
+        """``payload``: the checkpoint to resume from (see ``resume_payload``), or None."""
         self.config, self.logdir = config, pathlib.Path(logdir)
         self.agent_step = 0  # agent steps collected, prefill included, all envs summed
         self.updates = 0
+        self.nonfinite_updates = 0  # updates in which an optimiser skipped a non-finite step
+        self.nonfinite_streak = 0  # such updates in a row
         self.schedule = Schedule(config)
         self.eval_history = {}  # task -> [(agent_step, eval return)]
         self.task = None  # task the train envs run now
         self.pending_task = {}  # env index -> task to apply at its next reset (crl_switch: episode)
-        self.replay = tools.Replay(self.logdir / "train_eps", config.dataset_size, config.seed, config.replay).load()
+        self.replay = tools.Replay(self.logdir / "train_eps", config.dataset_size, config.seed, config.replay)
         self.train_envs = make_envs(config, "train", config.envs)
         self.eval_envs = make_envs(config, "eval", max(1, min(config.envs, config.eval_episode_num)))
         space = self.train_envs[0]
@@ -293,9 +300,12 @@ class Run:
             self.monitor.gate.trigger()  # the start of training is the first change (restore overrides)
         self.checkpoint_path = self.logdir / "latest.pt"
         self.restored_eval, self.restored_rows = None, None
-        if self.checkpoint_path.exists():
-            self.restore(tools.load_checkpoint(self.checkpoint_path, config.device))
-        self.logger = tools.Logger(self.logdir, self.env_step, self.restored_rows)
+        if payload is not None:
+            self.restore(payload)
+        else:
+            self.replay.discard_files()
+        wall_clock = ("fps", "update_rate") if config.deterministic_run else ()
+        self.logger = tools.Logger(self.logdir, self.env_step, self.restored_rows, exclude_from_jsonl=wall_clock)
         self.metrics, self.episode_stats = {}, []
         self.driver = tools.Driver(self.train_envs, self.replay, before_reset=self.apply_pending_task)
         if self.schedule.active:
@@ -340,15 +350,15 @@ class Run:
         return {"agent": self.agent.state_dict(),
                 "optimizers": {k: v.state_dict() for k, v in self.agent.optimizers().items()},
                 "agent_step": self.agent_step, "updates": self.updates, "last_eval": self.last["eval"],
+                "nonfinite_updates": self.nonfinite_updates,
                 "eval_history": self.eval_history, "metrics_rows": self.logger.rows, "rng": tools.rng_states(),
                 "replay": self.replay.state_dict(), "config": self.config.to_dict(),
                 "llcd": self.monitor.state_dict() if self.monitor else None}
 
     def restore(self, payload):
-        self.agent.load_state_dict(payload["agent"])
-        for name, opt in self.agent.optimizers().items():
-            opt.load_state_dict(payload["optimizers"][name])
+        load_agent(self.agent, payload, self.checkpoint_path, "pass another --logdir", optimizers=True)
         self.agent_step, self.updates = payload["agent_step"], payload["updates"]
+        self.nonfinite_updates = payload.get("nonfinite_updates", 0)  # absent in older checkpoints
         self.restored_eval = payload["last_eval"]
         self.eval_history = payload["eval_history"]
         self.restored_rows = payload["metrics_rows"]
@@ -360,8 +370,21 @@ class Run:
               f"{self.replay.num_episodes} episodes on disk).", flush=True)
 
     def save(self):
-        tools.save_checkpoint(self.checkpoint_path, self.checkpoint_payload())
+        """Write latest.pt atomically, then drop the episode files evicted since the last one.
+        A failed write stops the run with one line; the previous latest.pt stays valid."""
+        try:
+            tools.save_checkpoint(self.checkpoint_path, self.checkpoint_payload())
+        except OSError as error:
+            raise SystemExit(self.save_error(error)) from None
+        self.replay.purge_evicted()
         self.last["ckpt"] = self.env_step
+
+    def save_error(self, error):
+        previous = (f"the previous checkpoint (env step {self.last['ckpt']}) is intact"
+                    if self.checkpoint_path.exists() else "no checkpoint was written before")
+        fix = "free disk space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "make the logdir writable"
+        return (f"error: saving {self.checkpoint_path} failed ({error.strerror or error}); {previous}: "
+                f"{fix} and rerun the same command to resume")
 
     # -- phases
 
@@ -383,6 +406,7 @@ class Run:
         self.driver.run(random_policy, steps=missing, on_step=on_step, on_episode=self.on_train_episode)
         self.driver.state = None
         progress.close()
+        self.save()  # a kill before the first eval keeps the prefill
 
     def train(self):
         cfg = self.config
@@ -443,11 +467,44 @@ class Run:
         for _ in range(due):
             batch = self.replay.sample(cfg.batch_size, cfg.batch_length)
             adapt = bool(self.monitor and self.monitor.gate.open)
-            for key, value in self.agent.train_step(batch, adapt).items():
+            metrics, skipped = self.update(batch, adapt)
+            for key, value in metrics.items():
                 self.metrics.setdefault(key, []).append(value)
             if self.monitor:
                 self.monitor.gate.consume()
             self.updates += 1
+            self.count_nonfinite(skipped)
+
+    def update(self, batch, adapt):
+        """One agent train step -> (metrics, names of the optimisers that skipped a non-finite
+        step). After a skip the agent's float buffers (e.g. the return-scale EMA) are put back
+        too, so a skipped update leaves the agent as it was."""
+        buffers = [buffer for buffer in self.agent.buffers() if buffer.is_floating_point()]
+        before = [buffer.clone() for buffer in buffers]
+        metrics = self.agent.train_step(batch, adapt)
+        skipped = [key.removesuffix("_nonfinite") for key, value in metrics.items()
+                   if key.endswith("_nonfinite") and value]
+        if skipped:
+            for buffer, value in zip(buffers, before):
+                buffer.copy_(value)
+        return metrics, skipped
+
+    def count_nonfinite(self, skipped):
+        """Count skipped updates; ``nonfinite_limit`` in a row log, save and stop the run."""
+        if not skipped:
+            self.nonfinite_streak = 0
+            return
+        self.nonfinite_updates += 1
+        self.nonfinite_streak += 1
+        if self.nonfinite_streak < self.config.nonfinite_limit:
+            return
+        self.log_training()
+        self.save()
+        raise SystemExit(
+            f"error: {self.nonfinite_streak} updates in a row had non-finite losses or gradients "
+            f"({', '.join(skipped)}) and were skipped; stopped at env step {self.env_step} with latest.pt "
+            "holding the last finite agent: lower the learning rates, try --precision 32, or check the "
+            "observations and rewards for NaN/inf")
 
     def on_train_episode(self, episode_return, length, episode):
         self.episode_stats.append((episode_return, length))
@@ -472,6 +529,7 @@ class Run:
         log.scalar("fps", (self.env_step - self.last["log_step"]) / elapsed)
         log.scalar("update_rate", (self.updates - self.last["log_updates"]) / elapsed)
         log.scalar("updates", self.updates)
+        log.scalar("nonfinite_updates", self.nonfinite_updates)
         log.scalar("replay_steps", self.replay.num_steps)
         for task, fraction in self.replay.task_fractions().items():
             log.scalar(f"replay_task_{task}_fraction", fraction)
@@ -566,26 +624,76 @@ def evaluate(agent, envs, episodes, record_video):
     return returns[:episodes], (frames[0] if frames else None), (np.concatenate(zs) if zs else None)
 
 
-def setup_logdir(config):
-    logdir = pathlib.Path(config.logdir) if config.logdir else tools.default_logdir(config)
+def setup_logdir(config, logdir):
+    """Create ``logdir`` and write the resolved config there."""
     try:
         logdir.mkdir(parents=True, exist_ok=True)
         tools.write_yaml({**config.to_dict(), "logdir": str(logdir)}, logdir / "config.yaml")
     except OSError as error:
         raise tools.ConfigError(f"cannot write to logdir '{logdir}' ({error.strerror}); pass --logdir DIR") from error
-    return logdir
+
+
+def check_rendering(config):
+    """Pixel runs need a working MuJoCo GL backend: render one tiny frame before anything else."""
+    problem = dmc.gl_problem(render=True) if config.pixels else None
+    if problem:
+        raise tools.ConfigError(problem)
+
+
+def read_checkpoint(path, device):
+    try:
+        return tools.load_checkpoint(path, device)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise tools.ConfigError(f"cannot read checkpoint {path} ({type(error).__name__}: {one_line(error)}); "
+                                "move it away to start the run over") from None
+
+
+def resume_payload(config, logdir):
+    """The checkpoint in ``logdir`` to resume from (None for a new run), checked against ``config``
+    before anything in the logdir changes."""
+    path = logdir / "latest.pt"
+    if not path.exists():
+        return None
+    payload = read_checkpoint(path, config.device)
+    tools.check_checkpoint_config(path, payload["config"], config,
+                                  fix="resume with the flags the run was started with, or pass another --logdir")
+    return payload
+
+
+def load_agent(agent, payload, path, fix, optimizers):
+    """Load the checkpoint's weights (and optimiser states); a mismatch is a one-line ConfigError."""
+    try:
+        agent.load_state_dict(payload["agent"])
+        if optimizers:
+            for name, opt in agent.optimizers().items():
+                opt.load_state_dict(payload["optimizers"][name])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise tools.ConfigError(f"checkpoint {path} does not fit this agent ({one_line(error)}); it was written "
+                                f"by another code version or config: {fix}") from None
+
+
+def one_line(error, limit=300):
+    return " ".join(str(error).split())[:limit]
 
 
 def eval_only(config):
-    """Evaluate a saved agent: print returns and write eval_returns.json next to the checkpoint."""
+    """Evaluate a saved agent: print returns and write eval_returns.json next to the checkpoint.
+    The agent is built from the checkpoint's config; architecture flags given on the command
+    line (those differing from the defaults) must agree with it."""
     if not config.checkpoint or not pathlib.Path(config.checkpoint).exists():
         raise tools.ConfigError(f"--eval_only needs --checkpoint PATH to an existing latest.pt, got {config.checkpoint!r}")
-    payload = tools.load_checkpoint(config.checkpoint, config.device)
+    payload = read_checkpoint(config.checkpoint, config.device)
+    defaults = tools.load_config([])
+    given = [key for key in tools.CHECKPOINT_KEYS
+             if tools.config_value(config, key) != tools.config_value(defaults, key)]
+    tools.check_checkpoint_config(config.checkpoint, payload["config"], config, keys=given,
+                                  fix="drop those flags (eval uses the checkpoint's config) or pick another one")
     saved = tools.Config(payload["config"])
     saved.update(device=config.device, eval_episode_num=config.eval_episode_num, parallel=config.parallel)
+    check_rendering(saved)
     envs = make_envs(saved, "eval", max(1, min(saved.envs, saved.eval_episode_num)))
     agent = Dreamer(envs[0].observation_space, envs[0].action_space, saved).to(config.device)
-    agent.load_state_dict(payload["agent"])
+    load_agent(agent, payload, config.checkpoint, "pick another --checkpoint", optimizers=False)
     returns, _, _ = evaluate(agent, envs, saved.eval_episode_num, False)
     close_envs(envs)
     out = pathlib.Path(config.checkpoint).with_name("eval_returns.json")
@@ -600,16 +708,22 @@ def main(argv):
     try:
         config = tools.load_config(argv)
         config.device = tools.resolve_device(config.device)
+        warning = tools.precision_warning(config.precision, config.device)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
         if config.threads:
             torch.set_num_threads(config.threads)
         tools.set_seed(config.seed, config.deterministic_run)
         if config.eval_only:
             return eval_only(config)
-        logdir = setup_logdir(config)
+        check_rendering(config)
+        logdir = pathlib.Path(config.logdir) if config.logdir else tools.default_logdir(config)
+        payload = resume_payload(config, logdir)
+        setup_logdir(config, logdir)
+        print(f"Logdir: {logdir}", flush=True)
+        run = Run(config, logdir, payload)
     except tools.ConfigError as error:
         sys.exit(f"error: {error}")
-    print(f"Logdir: {logdir}", flush=True)
-    run = Run(config, logdir)
     try:
         run.prefill()
         run.train()

@@ -9,7 +9,9 @@ mistakes raise ``ConfigError`` naming the key and the closest valid one.
 Replay: complete episodes live in memory and as ``<id>-<length>.npz`` files
 in the run's ``train_eps`` folder (written atomically); the files on disk
 always mirror the episodes in memory. Eviction keeps at most
-``dataset_size`` steps (oldest episode first).
+``dataset_size`` steps (oldest episode first, or reservoir sampling); evicted
+files wait in ``train_eps/.evicted`` until the next checkpoint, so a resume
+can put the folder back exactly as the checkpoint saw it.
 """
 
 import contextlib
@@ -19,6 +21,7 @@ import json
 import os
 import pathlib
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -192,14 +195,12 @@ def load_config(argv, path=ROOT / "configs.yaml"):
 def validate(config):
     """Reject impossible values before anything runs."""
     positive = ["steps", "batch_size", "batch_length", "train_ratio", "envs", "action_repeat",
-                "eval_every", "log_every", "dataset_size", "imag_horizon", "llcd_context_len",
+                "eval_every", "log_every", "checkpoint_every", "dataset_size", "imag_horizon", "llcd_context_len",
                 "llcd_context_dim", "llcd_units", "llcd_lr", "llcd_smoothing", "llcd_history_window",
-                "llcd_sigma", "llcd_patience", "llcd_burn_in"]
+                "llcd_sigma", "llcd_patience", "llcd_burn_in", "nonfinite_limit"]
     for key in positive:
         if config[key] <= 0:
             raise ConfigError(f"'{key}' must be > 0, got {config[key]}")
-    if config["crl_tasks"]:
-        validate_schedule(config)
     for key in ("prefill", "eval_episode_num", "llcd_adapt_updates", "llcd_scale", "llcd_beta",
                 "llcd_std_floor", "llcd_cooldown"):
         if config[key] < 0:
@@ -209,16 +210,44 @@ def validate(config):
                           f"'llcd_history_window' ({config['llcd_history_window']})")
     if not config["task"].startswith("dmc_"):
         raise ConfigError(f"task '{config['task']}' is not supported: use a DMC task such as 'dmc_walker_walk'")
+    validate_task(config["task"])
+    if config["crl_tasks"]:
+        validate_schedule(config)
     if config["batch_length"] * config["action_repeat"] > config["time_limit"]:
         raise ConfigError(f"batch_length {config['batch_length']} exceeds the episode length "
                           f"({config['time_limit']} // action_repeat {config['action_repeat']}); lower batch_length")
 
 
-def validate_schedule(config):
-    """A continual schedule needs known task ids and windows the envs hit exactly."""
+def validate_task(task):
+    """``task`` must be a dm_control suite task ('dmc_cup_catch' stands for ball_in_cup_catch)."""
     from envs import dmc
 
-    domain = dmc.split_task_name(config["task"].split("_", 1)[1])[0]
+    problem = dmc.gl_problem()  # dm_control does not even import under a broken MUJOCO_GL
+    if problem:
+        raise ConfigError(problem)
+    from dm_control import suite
+
+    short = {full: alias for alias, full in dmc.DOMAIN_ALIASES.items()}
+    valid = [f"dmc_{short.get(domain, domain)}_{name}" for domain, name in suite.ALL_TASKS]
+    try:
+        known = dmc.split_task_name(task[len("dmc_"):]) in suite.ALL_TASKS
+    except ValueError:  # no '_' between domain and task
+        known = False
+    if not known:
+        raise ConfigError(f"unknown task '{task}'{suggest(task, valid)}; tasks are dmc_<domain>_<task> "
+                          "from dm_control's suite, e.g. dmc_walker_walk")
+
+
+def validate_schedule(config):
+    """A continual schedule needs a continual env, known task ids and windows the envs hit exactly."""
+    from envs import dmc
+
+    domain, task = dmc.split_task_name(config["task"].split("_", 1)[1])
+    if task not in getattr(dmc.CONTINUAL_ENVS.get(domain), "SUITE_TASKS", ()):
+        supported = ", ".join(f"dmc_{env.DOMAIN}_{name}" for env in dmc.CONTINUAL_ENVS.values()
+                              for name in env.SUITE_TASKS)
+        raise ConfigError(f"task '{config['task']}' has no continual-physics env (crl_tasks is set); "
+                          f"continual tasks: {supported}")
     try:
         known = [int(k) for k in dmc.domain_tasks(config["crl_task_defs"], domain)]
     except ValueError as error:
@@ -242,6 +271,23 @@ def resolve_device(name):
     return name
 
 
+def cpu_has_native_bf16():
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX); Linux flags only."""
+    try:
+        flags = pathlib.Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return True  # unknown: do not warn
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def precision_warning(precision, device):
+    """A one-line warning when ``precision`` will be slow on ``device``, else None."""
+    if precision == "bf16" and str(device) == "cpu" and not cpu_has_native_bf16():
+        return ("warning: this CPU has no native bf16 (avx512_bf16/amx_bf16 flags): bf16 matmuls run "
+                "10-50x slower than fp32 here; use --precision 32")
+    return None
+
+
 def default_logdir(config):
     blocks = "-".join(config.configs) or "defaults"
     llcd = config.get("llcd", False)
@@ -252,14 +298,19 @@ def default_logdir(config):
 
 
 def atomic_write_bytes(path, data):
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file."""
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file;
+    a failed write (e.g. disk full) removes its temp file and re-raises."""
     path = pathlib.Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(path, payload):
@@ -272,6 +323,40 @@ def load_checkpoint(path, device):
     return torch.load(path, map_location=device, weights_only=False)
 
 
+# Settings a checkpoint is tied to: the network shapes and the data its replay and counters describe.
+CHECKPOINT_KEYS = (
+    "task", "pixels", "size", "camera", "action_repeat", "envs", "prefill", "replay", "dataset_size",
+    "crl_tasks", "crl_steps_per_task", "dyn_hidden", "dyn_deter", "dyn_stoch", "dyn_discrete", "units", "act",
+    "norm", *(f"{net}.{key}" for net in ("encoder", "decoder") for key in
+              ("mlp_layers", "mlp_units", "cnn_depth", "kernel_size", "minres")),
+    "actor.layers", "critic.layers", "reward_head.layers", "cont_head.layers", "expl_behavior",
+    "disag_target", "disag_models", "disag_layers", "disag_units", "disag_action_cond",
+    "llcd", "llcd_context_len", "llcd_context_dim", "llcd_units",
+)
+
+
+def config_value(config, key):
+    """``config['a']['b']`` for key 'a.b'; KeyError if absent."""
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def check_checkpoint_config(path, saved, given, fix, keys=CHECKPOINT_KEYS):
+    """Raise ConfigError listing every key of ``keys`` whose value in the checkpoint's config
+    ``saved`` differs from ``given`` (keys an older checkpoint lacks are not compared), then ``fix``."""
+    diffs = []
+    for key in keys:
+        try:
+            before = config_value(saved, key)
+        except KeyError:
+            continue
+        if before != config_value(given, key):
+            diffs.append(f"{key} {before!r} (saved) vs {config_value(given, key)!r} (given)")
+    if diffs:
+        raise ConfigError(f"checkpoint {path} was saved with another config: {', '.join(diffs)}; {fix}")
+
+
 # ----------------------------------------------------------------- logging
 
 
@@ -281,17 +366,20 @@ class Logger:
     On resume, ``metrics.jsonl`` is cut back to the ``rows`` it had when the
     checkpoint was written (without a checkpoint: to rows at or before
     ``step``), and TensorBoard purges events after ``step``, so nothing that
-    is logged again after a resume appears twice.
+    is logged again after a resume appears twice. Scalars named in
+    ``exclude_from_jsonl`` (wall-clock rates in deterministic runs) go to TensorBoard
+    and the console but not to ``metrics.jsonl``.
     """
 
-    def __init__(self, logdir, step=0, rows=None):
+    def __init__(self, logdir, step=0, rows=None, exclude_from_jsonl=()):
         from torch.utils.tensorboard import SummaryWriter
 
         self.logdir = pathlib.Path(logdir)
         self.step = step
         self.metrics_path = self.logdir / "metrics.jsonl"
         self.rows = self.truncate_rows(step, rows)
-        self.writer = SummaryWriter(str(self.logdir), purge_step=step + 1 if step else None, max_queue=1000)
+        self.writer = SummaryWriter(str(self.logdir), purge_step=step + 1, max_queue=1000)
+        self.exclude_from_jsonl = set(exclude_from_jsonl)
         self.scalars, self.videos = {}, {}
 
     def truncate_rows(self, step, rows):
@@ -320,9 +408,11 @@ class Logger:
         if self.scalars:
             for name, value in self.scalars.items():
                 self.writer.add_scalar(name, value, step)
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps({"step": step, **self.scalars}) + "\n")
-            self.rows += 1
+            row = {name: value for name, value in self.scalars.items() if name not in self.exclude_from_jsonl}
+            if row:
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps({"step": step, **row}) + "\n")
+                self.rows += 1
             if console:
                 text = " / ".join(f"{k} {v:.4g}" for k, v in self.scalars.items())
                 print(f"[{step}] {text}", flush=True)
@@ -396,7 +486,16 @@ class Replay:
       uniformly chosen stored one, so every episode ever collected is equally
       likely to be in the buffer and old physics stay represented.
     ``seen`` (episodes ever offered) is part of ``state_dict`` for resuming.
+
+    Crash consistency with a checkpoint: ``remove`` moves an evicted file into
+    ``.evicted/`` instead of deleting it, the run calls ``purge_evicted`` after
+    each checkpoint, and ``state_dict`` lists the stored episodes in order. On
+    resume, ``load_state_dict`` deletes files written after the checkpoint,
+    moves back the files it still lists and reloads them in its order, so
+    memory, disk and checkpoint agree and the reservoir continues exactly.
     """
+
+    EVICTED = ".evicted"
 
     POLICIES = ("fifo", "reservoir")
 
@@ -414,27 +513,86 @@ class Replay:
         self.num_steps = 0  # steps stored now
         self.seen = 0  # episodes ever offered
 
-    def load(self):
-        """Read every episode file (oldest first); unreadable files are skipped with a warning."""
-        for path in sorted(self.directory.glob("*.npz")):
-            try:
-                with np.load(path) as data:
-                    episode = {key: data[key] for key in data.files}
-            except Exception as error:  # noqa: BLE001 - any corruption: skip the file, keep going
-                warnings.warn(f"skipping unreadable episode {path.name}: {error}")
-                continue
-            self.episodes[path.stem] = episode
-            self.num_steps += episode_length(episode)
+    @property
+    def evicted_dir(self):
+        return self.directory / self.EVICTED
+
+    def file_names(self):
+        """Names of the episode files in the folder, oldest first (ids start with a timestamp)."""
+        return sorted(path.stem for path in self.directory.glob("*.npz"))
+
+    def load(self, names=None):
+        """Read the episodes ``names`` in that order (default: every file, oldest first)."""
+        for name in self.file_names() if names is None else names:
+            episode = self.read(name)
+            if episode is not None:
+                self.episodes[name] = episode
+                self.num_steps += episode_length(episode)
         self.seen = len(self.episodes)
         self.evict()
         return self
 
+    def read(self, name):
+        """One episode file, or None with a warning if it is unreadable (then renamed to
+        ``<name>.npz.corrupt``, so the folder keeps mirroring memory)."""
+        path = self.directory / f"{name}.npz"
+        try:
+            with np.load(path) as data:
+                return {key: data[key] for key in data.files}
+        except Exception as error:  # noqa: BLE001 - any corruption: skip the file, keep going
+            warnings.warn(f"skipping unreadable episode {path.name}: {error}")
+            if path.exists():
+                os.replace(path, path.with_name(f"{path.name}.corrupt"))
+            return None
+
     def state_dict(self):
-        return {"seen": self.seen, "rng": self.rng.bit_generator.state}
+        return {"seen": self.seen, "rng": self.rng.bit_generator.state, "episodes": list(self.episodes)}
 
     def load_state_dict(self, state):
+        """Restore the buffer a checkpoint saw: its episodes in its order, on disk and in memory."""
+        names = state.get("episodes")  # absent in checkpoints older than the episode list
+        names = self.file_names() if names is None else names
+        self.episodes.clear()
+        self.num_steps = 0
+        deleted = self.restore_files(names)
+        if deleted:
+            print(f"Deleted {deleted} episode files written after the checkpoint; "
+                  "those steps are collected again.", flush=True)
+        self.load(names)
         self.seen = max(state["seen"], len(self.episodes))
         self.rng.bit_generator.state = state["rng"]
+
+    def restore_files(self, names):
+        """Make the folder hold exactly the files ``names``: move evicted ones back, delete
+        the others and leftover temp files. Returns the number of episode files deleted."""
+        wanted = set(names)
+        for path in self.evicted_dir.glob("*.npz"):
+            if path.stem in wanted:
+                os.replace(path, self.directory / path.name)
+        self.purge_evicted()
+        unwanted = [path for path in self.directory.glob("*.npz") if path.stem not in wanted]
+        for path in [*unwanted, *self.directory.glob(".*.tmp")]:
+            path.unlink()
+        return len(unwanted)
+
+    def discard_files(self):
+        """Start a run that has no checkpoint with an empty folder.
+
+        Files found here come from a run killed before its first checkpoint (saved right
+        after prefill), i.e. from an unfinished prefill. They are deleted rather than
+        counted: no checkpoint vouches for them (the step counters, the reservoir's
+        ``seen`` and the RNG states that produced them were never saved), prefill is
+        cheap random acting, and starting over makes the run identical to one that was
+        never interrupted.
+        """
+        deleted = self.restore_files([])
+        if deleted:
+            print(f"No checkpoint: deleted {deleted} episode files of an unfinished prefill; "
+                  "prefill starts over.", flush=True)
+
+    def purge_evicted(self):
+        """Delete the files evicted since the last checkpoint (call after saving one)."""
+        shutil.rmtree(self.evicted_dir, ignore_errors=True)
 
     @property
     def num_episodes(self):
@@ -479,10 +637,13 @@ class Replay:
             self.remove(names[0] if self.policy == "fifo" else names[self.rng.integers(0, len(names) - 1)])
 
     def remove(self, name):
+        """Evict an episode; its file moves to ``.evicted/`` until the next checkpoint."""
         episode = self.episodes.pop(name)
         self.num_steps -= episode_length(episode)
         if self.directory is not None:
-            (self.directory / f"{name}.npz").unlink(missing_ok=True)
+            self.evicted_dir.mkdir(exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.directory / f"{name}.npz", self.evicted_dir / f"{name}.npz")
 
     def task_fractions(self):
         """Fraction of stored steps per task id (episodes carry a ``task_id`` key in CRL runs)."""
@@ -602,13 +763,18 @@ class Optimizer:
         self.scaler = torch.amp.GradScaler(enabled=precision == 16)
 
     def step(self, loss, retain_graph=False):
+        """A non-finite loss or gradient norm skips the update (parameters and Adam state stay
+        as they were; fp16 still lowers its loss scale) and sets ``<name>_nonfinite`` to 1."""
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward(inputs=self.params, retain_graph=retain_graph)
         self.scaler.unscale_(self.opt)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        self.scaler.step(self.opt)
+        finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(norm))
+        if finite:
+            self.scaler.step(self.opt)
         self.scaler.update()
-        return {f"{self.name}_loss": loss.detach(), f"{self.name}_grad_norm": norm.detach()}
+        return {f"{self.name}_loss": loss.detach(), f"{self.name}_grad_norm": norm.detach(),
+                f"{self.name}_nonfinite": float(not finite)}
 
     def state_dict(self):
         return {"opt": self.opt.state_dict(), "scaler": self.scaler.state_dict()}

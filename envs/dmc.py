@@ -14,14 +14,17 @@ mass, friction, damping, joint friction, motor strength). ``make`` builds the
 right env for a task name: plain without task definitions, continual with.
 """
 
+import functools
 import operator
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import gymnasium as gym  # noqa: E402
-import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
+
+# mujoco and dm_control are imported where used: importing them loads the MUJOCO_GL backend,
+# which fails under a broken setting; gl_problem turns that failure into a one-line message.
 
 DOMAIN_ALIASES = {"cup": "ball_in_cup"}
 
@@ -44,6 +47,24 @@ def load_suite_env(domain, task, seed):
         valid = ", ".join(f"{d}_{t}" for d, t in suite.ALL_TASKS)
         raise ValueError(f"unknown DMC task '{domain}_{task}'; valid tasks: {valid}")
     return suite.load(domain, task, task_kwargs={"random": seed})
+
+
+def gl_problem(render=False):
+    """None if dm_control imports under this process's ``MUJOCO_GL`` (and, with ``render``,
+    draws one tiny frame); otherwise a one-line message naming the backend and the fix."""
+    backend = os.environ.get("MUJOCO_GL", "")
+    try:
+        from dm_control import mujoco as dm_mujoco
+
+        if render:
+            dm_mujoco.Physics.from_xml_string("<mujoco/>").render(8, 8)
+    except Exception as error:  # noqa: BLE001 - every GL failure gets the same advice
+        reason = (str(error).strip().splitlines() or [""])[-1]
+        what = "render pixels" if render else "import dm_control"
+        no_render = "" if render else "; runs without pixels also work with MUJOCO_GL=disable"
+        return (f"MuJoCo cannot {what} with MUJOCO_GL={backend!r} ({type(error).__name__}: {reason}); "
+                f"install libegl1 and set MUJOCO_GL=egl, or install libosmesa6 and set MUJOCO_GL=osmesa{no_render}")
+    return None
 
 
 class DeepMindControl:
@@ -252,7 +273,9 @@ class ContinualDMC(DeepMindControl):
         self._tasks = parse_tasks(tasks, _config_key(self.DOMAIN))
         model = self.physics.model
         self._baseline = {field: operator.attrgetter(field)(model).copy() for field in BASELINE_FIELDS}
-        self._scratch = mujoco.MjData(model.ptr)
+        import mujoco
+
+        self._set_const = functools.partial(mujoco.mj_setConst, model.ptr, mujoco.MjData(model.ptr))
         self._wind_body = model.name2id(self.WIND_BODY, "body")
         self.wind_force = 0.0
         self._hook_episode_start()
@@ -273,7 +296,7 @@ class ContinualDMC(DeepMindControl):
         self._restore_baseline()
         for name, value in self._tasks[task_id].items():
             APPLY_FACTOR[name](self, value)
-        mujoco.mj_setConst(self.physics.model.ptr, self._scratch)  # masses changed: refresh derived constants
+        self._set_const()  # masses changed: refresh derived constants
         self._apply_wind()
         self.physics.forward()
         self.task_id = task_id
