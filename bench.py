@@ -1,24 +1,37 @@
-"""Seconds per gradient update (world model + actor-critic) at given model sizes.
+"""How fast the agent runs, measured: one command, one table.
 
-    python bench.py                               # dmc_proprio and small, fp32 and bf16, CPU (+GPU if present)
-    python bench.py --sizes small --precisions bf16 --updates 20
+    python bench.py                                  # dmc_proprio and small, fp32 and bf16, CPU (+ GPU)
+    python bench.py --sizes small --precisions 32 --updates 5
+    python bench.py --compile                        # also time updates with compile: True
 
-An update is one ``Dreamer.train_step`` on a replay batch of
-``batch_size`` x ``batch_length`` (16 x 64 unless --batch/--length say
-otherwise) of walker-sized proprio data (24 obs dims, 6 action dims).
-Timing excludes ``--warmup`` updates and takes the median over ``--updates``.
+Rows:
+- ``update``: one gradient update (``Dreamer.train_step``: world model and
+  actor-critic) on a 16x64 batch of walker-sized proprio data (24 obs dims,
+  6 action dims). ``GFLOP`` is counted by torch's FlopCounterMode on one
+  update; ``s`` is the median over ``--updates`` timed updates after
+  ``--warmup``; ``GFLOP/s`` = GFLOP / s; ``peak`` is the best GFLOP/s of
+  large square matmuls of the same dtype on the same device, measured now,
+  and ``%peak`` = GFLOP/s / peak.
+- ``act``: latency of one policy step (encoder, posterior step, actor) for
+  one env, median over ``--act-steps`` steps; with and without LLCD (which
+  adds the context step and the surprise score).
+- ``env``: env steps/s of ``--env-task`` under random actions with 1 env and
+  ``--envs`` envs in parallel processes (``parallel: True``), counted in env
+  steps (agent steps x action_repeat).
 """
 
 import argparse
+import functools
 import statistics
 import time
 
 import gymnasium as gym
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+import dreamer
 import tools
-from dreamer import Dreamer
 
 OBS_DIM, ACTION_DIM = 24, 6
 
@@ -34,28 +47,14 @@ def fake_batch(batch, length, rng):
     }
 
 
-def build_agent(block, precision, device, batch, length):
+def build_agent(block, precision, device, batch=16, length=64, extra=()):
     args = ["--configs", block] if block != "defaults" else []
     config = tools.load_config(args + ["--precision", str(precision), "--device", device,
-                                       "--batch_size", str(batch), "--batch_length", str(length)])
+                                       "--batch_size", str(batch), "--batch_length", str(length), *extra])
     config.device = tools.resolve_device(config.device)
     obs_space = gym.spaces.Dict({"state": gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)})
     act_space = gym.spaces.Box(-1, 1, (ACTION_DIM,), np.float32)
-    return Dreamer(obs_space, act_space, config).to(config.device), config
-
-
-def time_updates(agent, config, updates, warmup):
-    rng = np.random.default_rng(0)
-    batch = fake_batch(config.batch_size, config.batch_length, rng)
-    times = []
-    for index in range(warmup + updates):
-        sync(config.device)
-        start = time.perf_counter()
-        agent.train_step(batch)
-        sync(config.device)
-        if index >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return dreamer.Dreamer(obs_space, act_space, config).to(config.device), config
 
 
 def sync(device):
@@ -63,27 +62,125 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def median_seconds(step, device, repeats, warmup):
+    """Median wall time of ``step()`` over ``repeats`` calls after ``warmup`` calls."""
+    times = []
+    for index in range(warmup + repeats):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def update_flops(agent, batch):
+    counter = FlopCounterMode(display=False)
+    with counter:
+        agent.train_step(batch)
+    return counter.get_total_flops()
+
+
+@functools.cache
+def matmul_peak(device, precision):
+    """Best GFLOP/s of 2048^3 matmuls in the dtype that autocast gives ``precision``."""
+    dtype = {32: torch.float32, 16: torch.float16, "bf16": torch.bfloat16}[precision]
+    size = 2048
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    seconds = median_seconds(lambda: a @ b, device, repeats=5, warmup=2)
+    return 2 * size ** 3 / seconds / 1e9
+
+
+def slow_bf16(precision, device):
+    """bf16 on a CPU without native bf16 runs 10-50x slower than fp32: skipped unless --all."""
+    return precision == "bf16" and device == "cpu" and not tools.cpu_has_native_bf16()
+
+
+def bench_update(size, precision, device, args):
+    extra = ["--compile", "True"] if args.compile_only else []
+    agent, config = build_agent(size, precision, device, args.batch, args.length, extra)
+    batch = fake_batch(config.batch_size, config.batch_length, np.random.default_rng(0))
+    flops = update_flops(agent, batch) / 1e9
+    seconds = median_seconds(lambda: agent.train_step(batch), device, args.updates, args.warmup)
+    peak = matmul_peak(device, precision)
+    label = f"update{' compiled' if args.compile_only else ''}"
+    return (f"{label:<17} {size:<12} {device:<5} {str(precision):<5} {flops:>8.1f} {seconds:>8.3f} "
+            f"{flops / seconds:>8.1f} {peak:>8.1f} {100 * flops / seconds / peak:>6.1f}%")
+
+
+def bench_act(size, precision, device, llcd, args):
+    agent, config = build_agent(size, precision, device, extra=["--llcd", str(llcd)])
+    rng = np.random.default_rng(0)
+    state = {"value": None}
+
+    def step():
+        obs = {"state": rng.normal(size=(1, OBS_DIM)).astype(np.float32), "is_first": np.array([False])}
+        _, state["value"] = agent.policy(obs, state["value"], "train")
+
+    seconds = median_seconds(step, device, args.act_steps, warmup=5)
+    return f"{'act llcd=' + str(llcd):<17} {size:<12} {device:<5} {str(precision):<5} {'':>8} {seconds * 1e3:>7.2f}ms"
+
+
+def bench_env(count, args):
+    config = tools.load_config(["--task", args.env_task, "--envs", str(count), "--parallel", str(count > 1)])
+    envs = dreamer.make_envs(config, "train", count)
+    try:
+        for env in envs:
+            env.reset()()
+        action_space = envs[0].action_space
+        steps = args.env_steps
+        start = time.perf_counter()
+        for _ in range(steps // count):
+            promises = [env.step(action_space.sample()) for env in envs]
+            for env, promise in zip(envs, promises):
+                if promise()[2]:
+                    env.reset()()
+        rate = steps // count * count * config.action_repeat / (time.perf_counter() - start)
+    finally:
+        dreamer.close_envs(envs)
+    return f"{'env ' + str(count) + (' parallel' if count > 1 else ''):<17} {args.env_task:<12} {'cpu':<5} {'':<5} {'':>8} {rate:>8.0f} env steps/s"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["dmc_proprio", "small"])
     parser.add_argument("--precisions", nargs="+", default=["32", "bf16"])
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    parser.add_argument("--updates", type=int, default=10)
+    parser.add_argument("--updates", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--compile", action="store_true", help="also time updates with compile: True")
+    parser.add_argument("--act-steps", type=int, default=200)
+    parser.add_argument("--env-task", default="dmc_walker_walk")
+    parser.add_argument("--env-steps", type=int, default=4000, help="agent steps per env measurement")
+    parser.add_argument("--envs", type=int, default=4, help="parallel envs of the second env row")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["update", "act", "env"])
+    parser.add_argument("--all", action="store_true", help="also run bf16 on CPUs without native bf16")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, batch {args.batch}x{args.length}")
-    print(f"{'size':<12} {'device':<6} {'precision':<9} {'params (M)':>10} {'s/update':>9} {'updates/s':>9}")
+    precisions = [int(p) if p.isdigit() else p for p in args.precisions]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+          f"native CPU bf16: {tools.cpu_has_native_bf16()}, batch {args.batch}x{args.length}")
+    print(f"{'row':<17} {'size':<12} {'dev':<5} {'prec':<5} {'GFLOP':>8} {'s':>8} {'GFLOP/s':>8} {'peak':>8} {'%peak':>7}")
     for device in args.devices:
         for size in args.sizes:
-            for precision in args.precisions:
-                precision = int(precision) if precision.isdigit() else precision
-                agent, config = build_agent(size, precision, device, args.batch, args.length)
-                params = sum(p.numel() for p in agent.parameters()) / 1e6
-                seconds = time_updates(agent, config, args.updates, args.warmup)
-                print(f"{size:<12} {device:<6} {str(precision):<9} {params:>10.2f} {seconds:>9.3f} {1 / seconds:>9.2f}",
-                      flush=True)
+            for precision in precisions:
+                if slow_bf16(precision, device) and not args.all:
+                    print(f"{'skipped':<17} {size:<12} {device:<5} {precision:<5} no native bf16 on this CPU "
+                          "(avx512_bf16/amx_bf16): 10-50x slower than fp32; --all runs it anyway")
+                    continue
+                if "update" not in args.skip:
+                    for compiled in [False, True] if args.compile else [False]:
+                        args.compile_only = compiled
+                        print(bench_update(size, precision, device, args), flush=True)
+                if "act" not in args.skip:
+                    for llcd in (False, True):
+                        print(bench_act(size, precision, device, llcd, args), flush=True)
+    if "env" not in args.skip:
+        for count in (1, args.envs):
+            print(bench_env(count, args), flush=True)
 
 
 if __name__ == "__main__":

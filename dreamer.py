@@ -33,6 +33,7 @@ from torch import nn
 import detector
 import exploration
 import models
+import networks
 import tools
 from envs import dmc, wrappers
 
@@ -54,6 +55,17 @@ class Dreamer(nn.Module):
             "plan2explore": lambda: exploration.Plan2Explore(config, self.wm, self.action_dim, self.discrete),
         }[config.expl_behavior]
         self.expl_behavior = self.expl_behavior() if self.expl_behavior else None
+        if config.compile and tools.compile_available():
+            self.compile_hot_pieces()
+
+    def compile_hot_pieces(self):
+        """compile: True: torch.compile, in place (parameter names and checkpoints unchanged), the
+        pieces that run many times per update: every MLP body and the RSSM's GRU step."""
+        for module in self.modules():
+            if isinstance(module, networks.MLP):
+                module.body.compile(dynamic=False)
+            if isinstance(module, networks.RSSM):
+                module.recur = torch.compile(module.recur, dynamic=False)
 
     @torch.no_grad()
     def policy(self, obs, state, mode, explore=False):

@@ -288,6 +288,19 @@ def precision_warning(precision, device):
     return None
 
 
+def compile_available():
+    """Whether torch.compile works here (it needs a C++ compiler on CPU); warns and returns
+    False if not, so ``compile: True`` falls back to eager instead of failing mid-run."""
+    try:
+        torch.compile(lambda x: torch.tanh(x) * 2.0)(torch.ones(4))
+        return True
+    except Exception as error:  # noqa: BLE001 - any backend failure means: run eager
+        reason = " ".join(str(error).split())[:200]
+        print(f"warning: compile: True is unavailable here ({type(error).__name__}: {reason}); running eager",
+              file=sys.stderr, flush=True)
+        return False
+
+
 def default_logdir(config):
     blocks = "-".join(config.configs) or "defaults"
     llcd = config.get("llcd", False)

@@ -1,0 +1,99 @@
+"""The fast paths keep the math: a short training run with bf16 autocast or with
+``compile: True`` gives the same losses as plain fp32, within stated tolerances.
+
+Each run starts from the same weights and RNG state and trains on the same
+batches. Tolerances:
+- compile (fp32): kernels are fused and reductions reordered, so results match
+  fp32 to float32 round-off; after 4 updates the losses agree to 1e-3 relative.
+- bf16 autocast: matmul inputs are rounded to 8 mantissa bits (relative error
+  ~4e-3 per product), so losses agree to 5% relative over 4 updates, while
+  the parts kept in fp32 (two-hot, KL, normalisers) stay finite.
+"""
+
+import os
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import dreamer  # noqa: E402
+import networks  # noqa: E402
+import tools  # noqa: E402
+from test_models import ACTION_DIM, OBS_DIM, random_batch  # noqa: E402
+
+LOSSES = ("model_loss", "state_loss", "reward_loss", "dyn_loss", "actor_loss", "critic_loss")
+UPDATES = 4
+
+
+def build(*extra):
+    config = tools.load_config(["--configs", "debug", *extra])
+    config.device = "cpu"
+    obs = gym.spaces.Dict({"state": gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)})
+    act = gym.spaces.Box(-1, 1, (ACTION_DIM,), np.float32)
+    torch.manual_seed(0)
+    return dreamer.Dreamer(obs, act, config), config
+
+
+def train_losses(*extra):
+    """Losses of UPDATES updates from seed 0 on fixed batches: {name: [per update]}."""
+    return train_losses_with(build(*extra)[0])
+
+
+def train_losses_with(agent):
+    config = agent.config
+    torch.manual_seed(1)
+    history = {key: [] for key in LOSSES}
+    for index in range(UPDATES):
+        metrics = agent.train_step(random_batch(config, seed=index))
+        for key in LOSSES:
+            history[key].append(float(metrics[key]))
+    return history
+
+
+def assert_close(fast, reference, rel):
+    for key in LOSSES:
+        np.testing.assert_allclose(fast[key], reference[key], rtol=rel, atol=rel, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def fp32():
+    return train_losses()
+
+
+def test_bf16_autocast_matches_fp32(fp32):
+    bf16 = train_losses("--precision", "bf16")
+    assert all(np.isfinite(bf16[key]).all() for key in LOSSES)
+    assert_close(bf16, fp32, rel=5e-2)
+    assert bf16["model_loss"] != fp32["model_loss"]  # autocast really ran in bf16
+
+
+def test_compiled_update_matches_fp32(fp32):
+    if not tools.compile_available():
+        pytest.skip("torch.compile is unavailable on this machine (the run falls back to eager)")
+    assert_close(train_losses("--compile", "True"), fp32, rel=1e-3)
+
+
+def test_compile_falls_back_to_eager_when_unavailable(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    agent, _ = build("--compile", "True")
+    assert "running eager" in capsys.readouterr().err
+    bodies = [module.body for module in agent.modules() if isinstance(module, networks.MLP)]
+    assert bodies and all(body._compiled_call_impl is None for body in bodies)
+    train_losses_with(agent)  # and it trains
+
+
+def test_compile_compiles_every_mlp_body_and_the_rssm_step():
+    if not tools.compile_available():
+        pytest.skip("torch.compile is unavailable on this machine")
+    agent, _ = build("--compile", "True")
+    bodies = [module.body for module in agent.modules() if isinstance(module, networks.MLP)]
+    assert bodies and all(body._compiled_call_impl is not None for body in bodies)
+    assert agent.wm.dynamics.recur is not networks.RSSM.recur.__get__(agent.wm.dynamics)
