@@ -54,7 +54,7 @@ class WorldModel(nn.Module):
     def preprocess(self, data):
         """Numpy/tensor batch -> float tensors on the model's device; images to [-0.5, 0.5]."""
         device = self.dynamics.initial_deter.device
-        out = {key: torch.as_tensor(value, device=device) for key, value in data.items()}
+        out = {key: to_device(value, device) for key, value in data.items()}
         if "image" in out:
             out["image"] = out["image"].float() / 255.0 - 0.5
         for key in ("state", "action", "reward"):
@@ -162,7 +162,7 @@ class ImagBehavior(nn.Module):
                                    dist="symlog_disc", outscale=c.outscale)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.register_buffer("return_range", torch.zeros(2))  # EMA of (P5, P95) of λ-returns
-        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self.updates = 0  # a Python int (saved as extra state): reading a device counter would sync
         p = config.precision
         self.actor_opt = tools.Optimizer("actor", self.actor.parameters(), a.lr, a.eps, a.grad_clip, 0.0, p)
         self.critic_opt = tools.Optimizer("critic", self.critic.parameters(), c.lr, c.eps, c.grad_clip, 0.0, p)
@@ -230,13 +230,27 @@ class ImagBehavior(nn.Module):
         self.return_range.lerp_(low_high, 1 - decay)
         return torch.clamp(self.return_range[1] - self.return_range[0], min=1.0)
 
+    def get_extra_state(self):
+        return {"updates": self.updates}
+
+    def set_extra_state(self, state):
+        self.updates = state["updates"]
+
     @torch.no_grad()
     def update_slow_critic(self):
         c = self.config.critic
-        if int(self.updates) % c.slow_target_update == 0:
+        if self.updates % c.slow_target_update == 0:
             slow, fast = list(self.slow_critic.parameters()), list(self.critic.parameters())
             torch._foreach_lerp_(slow, fast, c.slow_target_fraction)
         self.updates += 1
+
+
+def to_device(value, device):
+    """A numpy array or tensor on ``device``; on a GPU through pinned memory, asynchronously."""
+    tensor = torch.as_tensor(value)
+    if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def lambda_return(reward, value, discount, lam):

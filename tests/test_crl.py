@@ -7,9 +7,6 @@ transitions), action_repeat 2, so task j of [0, 1, 2, 3] covers agent steps
 (100 + 100 j, 200 + 100 j] and the switches are logged at env steps 400, 600, 800.
 """
 
-import contextlib
-import io
-import json
 import os
 import pathlib
 import sys
@@ -22,21 +19,11 @@ sys.path.insert(0, ROOT)
 
 import dreamer  # noqa: E402
 import tools  # noqa: E402
+from runs import crash_training_at, read_rows, run_main  # noqa: E402
 
 CRL = ["--configs", "dmc_crl_cartpole", "debug", "--crl_steps_per_task", "100", "--train_ratio", "16",
        "--eval_every", "100", "--device", "cpu", "--threads", "1"]
 PREFILL, SPT, REPEAT, TASKS = 100, 100, 2, [0, 1, 2, 3]
-
-
-def run_main(args):
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        dreamer.main(list(args))
-    return out.getvalue()
-
-
-def rows(logdir):
-    return [json.loads(line) for line in (pathlib.Path(logdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def task_sequence(logdir):
@@ -198,12 +185,12 @@ def test_tasks_switch_exactly_at_the_boundaries(crl_run):
     ids = task_sequence(crl_run)
     expected = [0] * (PREFILL + SPT) + [1] * SPT + [2] * SPT + [3] * SPT
     assert ids == expected
-    switches = [(r["step"], r["crl_task"]) for r in rows(crl_run) if "crl_task" in r]
+    switches = [(r["step"], r["crl_task"]) for r in read_rows(crl_run) if "crl_task" in r]
     assert switches == [((PREFILL + j * SPT) * REPEAT, j) for j in TASKS]
 
 
 def test_every_task_is_evaluated_with_forgetting_metrics(crl_run):
-    evals = [r for r in rows(crl_run) if "crl_avg_reward_all_tasks" in r]
+    evals = [r for r in read_rows(crl_run) if "crl_avg_reward_all_tasks" in r]
     steps = [r["step"] for r in evals]
     assert steps == sorted(set(steps)) and steps[-1] == (PREFILL + 4 * SPT) * REPEAT
     for row in evals:
@@ -218,7 +205,7 @@ def test_every_task_is_evaluated_with_forgetting_metrics(crl_run):
         assert last[f"crl_forgetting_task_{k}"] == pytest.approx(at_end[-1] - now)
         assert last[f"crl_forgetting_max_task_{k}"] == pytest.approx(max(at_end) - now)
     assert last["crl_avg_forgetting"] == pytest.approx(np.mean([last[f"crl_forgetting_task_{k}"] for k in TASKS]))
-    assert any("replay_task_1_fraction" in r for r in rows(crl_run))
+    assert any("replay_task_1_fraction" in r for r in read_rows(crl_run))
 
 
 def test_episode_switch_waits_for_the_next_episode(tmp_path):
@@ -235,26 +222,12 @@ def test_episode_switch_waits_for_the_next_episode(tmp_path):
     assert [ids.pop() for ids in per_episode] == [0, 0, 0, 1]
 
 
-class Stop(Exception):
-    pass
-
-
 def test_resume_mid_schedule_continues_on_the_right_task(tmp_path, monkeypatch):
     args = CRL + ["--logdir", str(tmp_path), "--checkpoint_every", "200"]
-    original = dreamer.Run.train_due_updates
-
-    def crash_after_step_330(run):
-        if run.agent_step >= 330:
-            raise Stop
-        original(run)
-
-    monkeypatch.setattr(dreamer.Run, "train_due_updates", crash_after_step_330)
-    with pytest.raises(Stop):
-        run_main(args)
-    monkeypatch.setattr(dreamer.Run, "train_due_updates", original)
+    crash_training_at(monkeypatch, args, 330)
     output = run_main(args)
     assert "Resumed" in output
-    switches = [(r["step"], r["crl_task"]) for r in rows(tmp_path) if "crl_task" in r]
+    switches = [(r["step"], r["crl_task"]) for r in read_rows(tmp_path) if "crl_task" in r]
     assert switches == [((PREFILL + j * SPT) * REPEAT, j) for j in TASKS]
     payload = tools.load_checkpoint(tmp_path / "latest.pt", "cpu")
     assert payload["agent_step"] == PREFILL + 4 * SPT

@@ -11,8 +11,6 @@ steps, i.e. 101 stored transitions), eval_every 200 env steps,
 batch 4 x 16.
 """
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -22,34 +20,17 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import dreamer  # noqa: E402
 import tools  # noqa: E402
+from runs import episode_files, read_rows, run_main  # noqa: E402
 
 BASE = ["--configs", "debug", "--task", "dmc_cartpole_balance", "--train_ratio", "16", "--device", "cpu",
         "--threads", "1"]
 ACTION_REPEAT, PREFILL, EPISODE_STEPS, BATCH_STEPS, TRAIN_RATIO = 2, 100, 100, 4 * 16, 16
-
-
-def run_main(args):
-    """Run dreamer.main in-process; return what it printed to stdout."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        dreamer.main(list(args))
-    return out.getvalue()
-
-
-def read_rows(logdir):
-    lines = (pathlib.Path(logdir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-def episode_files(logdir):
-    return sorted((pathlib.Path(logdir) / "train_eps").glob("*.npz"))
 
 
 def episode_id(path):

@@ -1,12 +1,8 @@
 """LLCD (SPEC §6): the context encoder, the adaptation gate, the surprise score, the
 detection report, the probe, ``--llcd False`` and a tiny end-to-end continual run."""
 
-import contextlib
-import io
-import json
 import math
 import os
-import pathlib
 import sys
 
 import numpy as np
@@ -21,6 +17,7 @@ import dreamer  # noqa: E402
 import models  # noqa: E402
 import networks  # noqa: E402
 import tools  # noqa: E402
+from runs import crash_training_at, read_rows, run_main  # noqa: E402
 from test_models import ACTION_DIM, OBS_DIM, params_vector, random_batch  # noqa: E402
 
 EMBED, K, UNITS, Z = 6, 4, 16, 3
@@ -260,37 +257,14 @@ CRL = ["--configs", "dmc_crl_cartpole", "debug", "--crl_tasks", "[0, 3]", "--crl
        "--llcd_burn_in", "20", "--llcd_history_window", "40", "--llcd_adapt_updates", "5"]
 
 
-def run_main(args):
-    with contextlib.redirect_stdout(io.StringIO()):
-        dreamer.main(list(args))
-
-
-def rows(logdir):
-    return [json.loads(line) for line in (pathlib.Path(logdir) / "metrics.jsonl").read_text().splitlines()]
-
-
-class Stop(Exception):
-    pass
-
-
 def test_llcd_run_logs_score_gate_probe_and_resumes_the_detector(tmp_path, monkeypatch):
     args = CRL + ["--logdir", str(tmp_path), "--llcd_gate", "always"]
-    original = dreamer.Run.train_due_updates
-
-    def crash_after_step_230(run):
-        if run.agent_step >= 230:
-            raise Stop
-        original(run)
-
-    monkeypatch.setattr(dreamer.Run, "train_due_updates", crash_after_step_230)
-    with pytest.raises(Stop):
-        run_main(args)
+    crash_training_at(monkeypatch, args, 230)
     saved = tools.load_checkpoint(tmp_path / "latest.pt", "cpu")
     assert 100 < saved["agent_step"] < 230
     assert saved["llcd"]["detector"]["steps"] == saved["agent_step"] - 100
-    monkeypatch.setattr(dreamer.Run, "train_due_updates", original)
     run_main(args)
-    logged = rows(tmp_path)
+    logged = read_rows(tmp_path)
     training = [r for r in logged if "model_loss" in r]
     assert training and all("llcd_score" in r and "llcd_gate" in r for r in training)
     assert all(r["llcd_gate"] == 1.0 and "context_loss" in r for r in training)

@@ -186,6 +186,10 @@ def test_imag_behavior_train_step_updates_actor_critic_and_slow_critic():
     assert (slow_after - critic_after).norm() < (critic_before - critic_after).norm()
     assert not any(p.requires_grad for p in behavior.slow_critic.parameters())
     assert int(behavior.updates) == 1
+    # the update counter is saved with the weights (as extra state) and restored
+    _, _, fresh = make_learners(2)
+    fresh.load_state_dict(behavior.state_dict())
+    assert fresh.updates == 1
 
 
 def test_slow_critic_tracks_critic_over_updates():

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import dreamer  # noqa: E402
 import tools  # noqa: E402
+from runs import Stop, read_rows, run_main  # noqa: E402
 
 BASE = ["--configs", "debug", "--task", "dmc_cartpole_balance", "--train_ratio", "16", "--device", "cpu",
         "--threads", "1"]
@@ -40,14 +41,6 @@ ACTION_REPEAT, PREFILL, EPISODE_STEPS, BATCH_STEPS, TRAIN_RATIO = 2, 100, 100, 4
 
 def expected_updates(agent_step):
     return (agent_step - PREFILL) * TRAIN_RATIO // BATCH_STEPS
-
-
-def run_main(args):
-    """dreamer.main in this process; returns what it printed."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        dreamer.main(list(args))
-    return out.getvalue()
 
 
 def command(*args):
@@ -80,10 +73,6 @@ def exit_message(args):
 
 def episode_names(logdir):
     return sorted(path.stem for path in (pathlib.Path(logdir) / "train_eps").glob("*.npz"))
-
-
-def read_rows(logdir):
-    return [json.loads(line) for line in (pathlib.Path(logdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_replay_matches_checkpoint(logdir, payload):
@@ -226,10 +215,6 @@ def test_replay_resume_restores_the_checkpointed_buffer_exactly(tmp_path):
         make_episode(reference, index)
     assert list(resumed.episodes) == list(reference.episodes)
     assert resumed.seen == reference.seen == 30
-
-
-class Stop(Exception):
-    pass
 
 
 def test_restart_without_checkpoint_starts_clean_and_prefill_is_checkpointed(tmp_path, monkeypatch):

@@ -1,0 +1,51 @@
+"""Helpers shared by the tests that run the agent: run dreamer.main quietly, read what
+a run wrote, and crash a run at a chosen agent step."""
+
+import contextlib
+import io
+import json
+import os
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dreamer  # noqa: E402
+
+
+class Stop(Exception):
+    """Raised inside a run to simulate a crash."""
+
+
+def run_main(args):
+    """dreamer.main in this process; returns what it printed to stdout."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        dreamer.main(list(args))
+    return out.getvalue()
+
+
+def read_rows(logdir):
+    lines = (pathlib.Path(logdir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def episode_files(logdir):
+    return sorted((pathlib.Path(logdir) / "train_eps").glob("*.npz"))
+
+
+def crash_training_at(monkeypatch, args, agent_step):
+    """Run ``args`` until the first update due at or after ``agent_step``, then crash it."""
+    original = dreamer.Run.train_due_updates
+
+    def crash(run):
+        if run.agent_step >= agent_step:
+            raise Stop
+        original(run)
+
+    monkeypatch.setattr(dreamer.Run, "train_due_updates", crash)
+    with pytest.raises(Stop):
+        run_main(args)
+    monkeypatch.setattr(dreamer.Run, "train_due_updates", original)
