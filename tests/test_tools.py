@@ -52,7 +52,8 @@ def test_blocks_merge_left_to_right_later_wins():
     assert small_debug.precision == blocks["debug"]["precision"]
     assert debug_small.precision == blocks["small"]["precision"]
     # keys set by only one block survive, whatever the order
-    assert debug_small.steps == blocks["debug"]["steps"]
+    assert debug_small.imag_horizon == blocks["debug"]["imag_horizon"]
+    assert small_debug.imag_horizon == blocks["debug"]["imag_horizon"]
     # nested blocks merge per leaf: untouched leaves keep their defaults
     assert debug_small.encoder.mlp_units == blocks["small"]["encoder"]["mlp_units"]
     assert small_debug.encoder.mlp_units == blocks["debug"]["encoder"]["mlp_units"]
