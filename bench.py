@@ -3,21 +3,26 @@
     python bench.py                                  # dmc_proprio and small, fp32 and bf16, CPU (+ GPU)
     python bench.py --sizes small --precisions 32 --updates 5
     python bench.py --compile                        # also time updates with compile: True
+    python bench.py --default-malloc                 # without keeping freed memory (see below)
 
 Rows:
 - ``update``: one gradient update (``Dreamer.train_step``: world model and
   actor-critic) on a 16x64 batch of walker-sized proprio data (24 obs dims,
   6 action dims). ``GFLOP`` is counted by torch's FlopCounterMode on one
   update; ``s`` is the median over ``--updates`` timed updates after
-  ``--warmup``; ``GFLOP/s`` = GFLOP / s; ``peak`` is the best GFLOP/s of
-  large square matmuls of the same dtype on the same device, measured now,
-  and ``%peak`` = GFLOP/s / peak.
+  ``--warmup``; ``GFLOP/s`` = GFLOP / s; ``peak`` is the best GFLOP/s of up
+  to ten 2048^3 matmuls (~5 s of them at most) of the same dtype on the
+  same device, measured now, and ``%peak`` = GFLOP/s / peak.
 - ``act``: latency of one policy step (encoder, posterior step, actor) for
   one env, median over ``--act-steps`` steps; with and without LLCD (which
   adds the context step and the surprise score).
 - ``env``: env steps/s of ``--env-task`` under random actions with 1 env and
   ``--envs`` envs in parallel processes (``parallel: True``), counted in env
   steps (agent steps x action_repeat).
+
+Like ``dreamer.py`` on CPU, the benchmark first calls ``tools.keep_freed_memory``
+(glibc keeps freed pages instead of unmapping them); ``--default-malloc``
+measures without it.
 """
 
 import argparse
@@ -89,8 +94,11 @@ def matmul_peak(device, precision):
     size = 2048
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    seconds = median_seconds(lambda: a @ b, device, repeats=5, warmup=2)
-    return 2 * size ** 3 / seconds / 1e9
+    median_seconds(lambda: a @ b, device, repeats=1, warmup=1)
+    times, start = [], time.perf_counter()
+    while len(times) < 10 and (len(times) < 2 or time.perf_counter() - start < 5.0):
+        times.append(median_seconds(lambda: a @ b, device, repeats=1, warmup=0))
+    return 2 * size ** 3 / min(times) / 1e9
 
 
 def slow_bf16(precision, device):
@@ -159,10 +167,14 @@ def main():
     parser.add_argument("--envs", type=int, default=4, help="parallel envs of the second env row")
     parser.add_argument("--skip", nargs="*", default=[], choices=["update", "act", "env"])
     parser.add_argument("--all", action="store_true", help="also run bf16 on CPUs without native bf16")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc malloc as is (dreamer.py keeps freed memory on CPU)")
     args = parser.parse_args()
+    kept = not args.default_malloc and tools.keep_freed_memory()
     precisions = [int(p) if p.isdigit() else p for p in args.precisions]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-          f"native CPU bf16: {tools.cpu_has_native_bf16()}, batch {args.batch}x{args.length}")
+          f"native CPU bf16: {tools.cpu_has_native_bf16()}, batch {args.batch}x{args.length}, "
+          f"freed memory kept: {kept}")
     print(f"{'row':<17} {'size':<12} {'dev':<5} {'prec':<5} {'GFLOP':>8} {'s':>8} {'GFLOP/s':>8} {'peak':>8} {'%peak':>7}")
     for device in args.devices:
         for size in args.sizes:

@@ -111,9 +111,9 @@ class Dreamer(nn.Module):
             metrics.update(self.expl_behavior.train_step(start, post, data))
         return metrics
 
-    def task_objective(self, states, actions):
-        """Extrinsic reward of imagined steps: states {key: (H+1, N, ...)} -> (H, N)."""
-        return self.wm.reward(self.wm.dynamics.feat(states)[1:]).mode()
+    def task_objective(self, states, feat, actions):
+        """Extrinsic reward of imagined steps: feat (H+1, N, F) -> (H, N)."""
+        return self.wm.reward(feat).mode()[1:]
 
     def optimizers(self):
         """Every tools.Optimizer inside the agent, keyed by module path."""
@@ -725,6 +725,8 @@ def main(argv):
             print(warning, file=sys.stderr, flush=True)
         if config.threads:
             torch.set_num_threads(config.threads)
+        if config.device == "cpu":
+            tools.keep_freed_memory()
         tools.set_seed(config.seed, config.deterministic_run)
         if config.eval_only:
             return eval_only(config)

@@ -93,11 +93,10 @@ class Plan2Explore(nn.Module):
         metrics.update({f"expl_{k}": v for k, v in expl.items()})
         return metrics
 
-    def objective(self, states, actions):
-        """Reward for imagined step t -> t+1: states {key: (H+1, N, ...)}, actions (H, N, A) -> (H, N)."""
-        feats = self.wm.dynamics.feat(states)  # (H+1, N, F)
-        intrinsic = self.disagreement(self.inputs(feats[:-1], actions))
+    def objective(self, states, feat, actions):
+        """Reward for imagined step t -> t+1: feat (H+1, N, F), actions (H, N, A) -> (H, N)."""
+        intrinsic = self.disagreement(self.inputs(feat[:-1], actions))
         reward = self.config.expl_intr_scale * intrinsic
         if self.config.expl_extr_scale:
-            reward = reward + self.config.expl_extr_scale * self.wm.reward(feats[1:]).mode()
+            reward = reward + self.config.expl_extr_scale * self.wm.reward(feat).mode()[1:]
         return reward

@@ -169,14 +169,18 @@ class ImagBehavior(nn.Module):
 
     def train_step(self, start, objective):
         """start: posterior state dict with (B, T, ...) tensors; objective(states {key: (H+1, N, ...)},
-        actions (H, N, A)) -> reward (H, N) for arriving at imagined states 1..H."""
+        feat (H+1, N, F), actions (H, N, A)) -> reward (H, N) for arriving at imagined states 1..H.
+
+        Heads run on all H+1 states and their small outputs are sliced: slicing the large
+        feature tensor instead would make its backward allocate and zero (H+1, N, F) per slice."""
         cfg = self.config
         dynamics = self.wm.dynamics
         with tools.autocast(cfg.precision, cfg.device):
             states, actions, entropies, log_probs = self.imagine(start, cfg.imag_horizon)
-            reward = objective(states, actions)  # (H, N)
-            discount = cfg.discount * self.wm.cont(dynamics.feat(states)[1:]).mean()  # (H, N)
-            feats = dynamics.policy_feat(states)  # (H+1, N, F)
+            feat = dynamics.feat(states)  # (H+1, N, F)
+            reward = objective(states, feat, actions)  # (H, N)
+            discount = cfg.discount * self.wm.cont(feat).mean()[1:]  # (H, N)
+            feats = dynamics.policy_feat(states, feat)  # (H+1, N, F + Z)
             critic = self.critic(feats)  # over (H+1, N); one forward serves actor and critic losses
             value = critic.mode()  # (H+1, N)
             returns = lambda_return(reward, value, discount, cfg.discount_lambda)  # (H, N)

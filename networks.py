@@ -411,11 +411,13 @@ class RSSM(nn.Module):
     def feat(self, state):
         return torch.cat([state["stoch"].flatten(-2), state["deter"]], -1)  # (..., S*K + D)
 
-    def policy_feat(self, state):
-        """Actor/critic input: feat plus the LLCD context z when the model has one."""
+    def policy_feat(self, state, feat=None):
+        """Actor/critic input: feat (``self.feat(state)`` unless given) plus the LLCD
+        context z when the model has one."""
+        feat = self.feat(state) if feat is None else feat
         if self.in_context is None:
-            return self.feat(state)
-        return torch.cat([self.feat(state), state["context"]], -1)  # (..., S*K + D + Z)
+            return feat
+        return torch.cat([feat, state["context"]], -1)  # (..., S*K + D + Z)
 
     def input_projection(self, action, context=None):
         """Everything the GRU input gets besides the stochastic state: action (and context z)."""

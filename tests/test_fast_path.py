@@ -10,7 +10,9 @@ batches. Tolerances:
   the parts kept in fp32 (two-hot, KL, normalisers) stay finite.
 """
 
+import ctypes
 import os
+import platform
 import sys
 
 import gymnasium as gym
@@ -97,3 +99,22 @@ def test_compile_compiles_every_mlp_body_and_the_rssm_step():
     bodies = [module.body for module in agent.modules() if isinstance(module, networks.MLP)]
     assert bodies and all(body._compiled_call_impl is not None for body in bodies)
     assert agent.wm.dynamics.recur is not networks.RSSM.recur.__get__(agent.wm.dynamics)
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
+def test_keep_freed_memory_keeps_a_freed_large_tensor_in_the_heap():
+    libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc < 2.33 has no mallinfo2")
+    libc.mallinfo2.restype = MallInfo2
+    assert tools.keep_freed_memory()
+    size = 64 * 2**20
+    torch.ones(size // 4)  # 64 MB of float32, touched and freed at once
+    # by default glibc would serve it with mmap and unmap it on free; now its pages stay
+    # in the heap as free memory for the next activation of that size
+    assert libc.mallinfo2().fordblks >= size

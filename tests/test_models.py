@@ -160,9 +160,10 @@ def test_imag_behavior_train_step_updates_actor_critic_and_slow_critic():
     post, _ = wm.train_step(data)
     start = {key: value.detach() for key, value in post.items()}
 
-    def objective(states, actions):
+    def objective(states, feat, actions):
         assert states["deter"].shape[0] == config.imag_horizon + 1 and actions.shape[0] == config.imag_horizon
-        return wm.reward(wm.dynamics.feat(states)[1:]).mode()
+        assert torch.equal(feat, wm.dynamics.feat(states))
+        return wm.reward(feat).mode()[1:]
 
     actor_before = params_vector(behavior.actor)
     slow_before = [p.detach().clone() for p in behavior.slow_critic.parameters()]
@@ -197,7 +198,7 @@ def test_slow_critic_tracks_critic_over_updates():
     data = wm.preprocess(random_batch(config, seed=3))
     post, _ = wm.train_step(data)
     start = {key: value.detach() for key, value in post.items()}
-    objective = lambda states, actions: torch.ones(actions.shape[:2])  # noqa: E731
+    objective = lambda states, feat, actions: torch.ones(actions.shape[:2])  # noqa: E731
     behavior.train_step(start, objective)
     # freeze the critic afterwards: the slow copy must converge to it geometrically
     behavior.critic_opt.opt.param_groups[0]["lr"] = 0.0
