@@ -67,17 +67,20 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def timed(step, device):
+    """Wall time of one ``step()``, device work included."""
+    sync(device)
+    start = time.perf_counter()
+    step()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def median_seconds(step, device, repeats, warmup):
     """Median wall time of ``step()`` over ``repeats`` calls after ``warmup`` calls."""
-    times = []
-    for index in range(warmup + repeats):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        if index >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    for _ in range(warmup):
+        timed(step, device)
+    return statistics.median(timed(step, device) for _ in range(repeats))
 
 
 def update_flops(agent, batch):
@@ -94,26 +97,21 @@ def matmul_peak(device, precision):
     size = 2048
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    median_seconds(lambda: a @ b, device, repeats=1, warmup=1)
+    timed(lambda: a @ b, device)  # warm-up
     times, start = [], time.perf_counter()
     while len(times) < 10 and (len(times) < 2 or time.perf_counter() - start < 5.0):
-        times.append(median_seconds(lambda: a @ b, device, repeats=1, warmup=0))
+        times.append(timed(lambda: a @ b, device))
     return 2 * size ** 3 / min(times) / 1e9
 
 
-def slow_bf16(precision, device):
-    """bf16 on a CPU without native bf16 runs 10-50x slower than fp32: skipped unless --all."""
-    return precision == "bf16" and device == "cpu" and not tools.cpu_has_native_bf16()
-
-
-def bench_update(size, precision, device, args):
-    extra = ["--compile", "True"] if args.compile_only else []
+def bench_update(size, precision, device, compiled, args):
+    extra = ["--compile", "True"] if compiled else []
     agent, config = build_agent(size, precision, device, args.batch, args.length, extra)
     batch = fake_batch(config.batch_size, config.batch_length, np.random.default_rng(0))
     flops = update_flops(agent, batch) / 1e9
     seconds = median_seconds(lambda: agent.train_step(batch), device, args.updates, args.warmup)
     peak = matmul_peak(device, precision)
-    label = f"update{' compiled' if args.compile_only else ''}"
+    label = f"update{' compiled' if compiled else ''}"
     return (f"{label:<17} {size:<12} {device:<5} {str(precision):<5} {flops:>8.1f} {seconds:>8.3f} "
             f"{flops / seconds:>8.1f} {peak:>8.1f} {100 * flops / seconds / peak:>6.1f}%")
 
@@ -179,14 +177,14 @@ def main():
     for device in args.devices:
         for size in args.sizes:
             for precision in precisions:
-                if slow_bf16(precision, device) and not args.all:
-                    print(f"{'skipped':<17} {size:<12} {device:<5} {precision:<5} no native bf16 on this CPU "
-                          "(avx512_bf16/amx_bf16): 10-50x slower than fp32; --all runs it anyway")
+                warning = tools.precision_warning(precision, device)
+                if warning and not args.all:
+                    print(f"{'skipped':<17} {size:<12} {device:<5} {precision:<5} "
+                          f"{warning.removeprefix('warning: ')}; --all runs it anyway")
                     continue
                 if "update" not in args.skip:
                     for compiled in [False, True] if args.compile else [False]:
-                        args.compile_only = compiled
-                        print(bench_update(size, precision, device, args), flush=True)
+                        print(bench_update(size, precision, device, compiled, args), flush=True)
                 if "act" not in args.skip:
                     for llcd in (False, True):
                         print(bench_act(size, precision, device, llcd, args), flush=True)

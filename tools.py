@@ -302,8 +302,8 @@ def keep_freed_memory():
 def precision_warning(precision, device):
     """A one-line warning when ``precision`` will be slow on ``device``, else None."""
     if precision == "bf16" and str(device) == "cpu" and not cpu_has_native_bf16():
-        return ("warning: this CPU has no native bf16 (avx512_bf16/amx_bf16 flags): bf16 matmuls run "
-                "10-50x slower than fp32 here; use --precision 32")
+        return ("warning: this CPU has no native bf16 (avx512_bf16/amx_bf16 flags): bf16 updates run "
+                "8-50x slower than fp32 here; use --precision 32")
     return None
 
 
