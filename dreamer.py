@@ -103,8 +103,8 @@ class Dreamer(nn.Module):
     def train_step(self, batch, adapt=False):
         """One update of the world model (and, with ``adapt``, of the LLCD context encoder),
         the task actor-critic and the exploration behaviour."""
-        data = self.wm.preprocess(batch)
-        post, metrics = self.wm.train_step(data, adapt)
+        data, before = models.split_prefix(self.wm.preprocess(batch))
+        post, metrics = self.wm.train_step(data, adapt, before)
         start = {key: value.detach() for key, value in post.items()}
         metrics.update(self.task_behavior.train_step(start, self.task_objective))
         if self.expl_behavior is not None:
@@ -135,8 +135,7 @@ def make_env(config, mode, index):
     env = dmc.make(config.task.split("_", 1)[1], task_defs=task_defs, action_repeat=config.action_repeat,
                    size=config.size, camera=config.camera, seed=seed, pixels=config.pixels)
     env = wrappers.NormalizeActions(env)
-    env = wrappers.TimeLimit(env, config.time_limit // config.action_repeat)
-    return wrappers.UUID(env)
+    return wrappers.TimeLimit(env, config.time_limit // config.action_repeat)
 
 
 def make_envs(config, mode, count):
@@ -301,7 +300,8 @@ class Run:
         self.eval_history = {}  # task -> [(agent_step, eval return)]
         self.task = None  # task the train envs run now
         self.pending_task = {}  # env index -> task to apply at its next reset (crl_switch: episode)
-        self.replay = tools.Replay(self.logdir / "train_eps", config.dataset_size, config.seed, config.replay)
+        self.replay = tools.Replay(self.logdir / "train_eps", config.dataset_size, config.seed, config.replay,
+                                  config.replay_chunk)
         self.train_envs = make_envs(config, "train", config.envs)
         self.eval_envs = make_envs(config, "eval", max(1, min(config.envs, config.eval_episode_num)))
         space = self.train_envs[0]
@@ -379,7 +379,7 @@ class Run:
         if self.monitor:
             self.monitor.load_state_dict(payload["llcd"])
         print(f"Resumed from {self.checkpoint_path} at env step {self.env_step} ({self.updates} updates, "
-              f"{self.replay.num_episodes} episodes on disk).", flush=True)
+              f"{self.replay.num_chunks} replay chunks on disk).", flush=True)
 
     def save(self):
         """Write latest.pt atomically, then drop the episode files evicted since the last one.
@@ -475,9 +475,9 @@ class Run:
         trained = max(0, self.agent_step - cfg.prefill) * cfg.train_ratio
         due = int(trained // (cfg.batch_size * cfg.batch_length)) - self.updates
         if due > 0 and not self.replay.can_sample(cfg.batch_length):
-            return  # no stored episode is long enough yet; the due updates run once one is
+            return  # no chunk is complete yet; the due updates run once one is
         for _ in range(due):
-            batch = self.replay.sample(cfg.batch_size, cfg.batch_length)
+            batch = self.sample_batch(cfg.batch_size)
             adapt = bool(self.monitor and self.monitor.gate.open)
             metrics, skipped = self.update(batch, adapt)
             for key, value in metrics.items():
@@ -486,6 +486,10 @@ class Run:
                 self.monitor.gate.consume()
             self.updates += 1
             self.count_nonfinite(skipped)
+
+    def sample_batch(self, size):
+        """``size`` replayed windows, with the steps before each that the LLCD context needs."""
+        return self.replay.sample(size, self.config.batch_length, self.agent.wm.context_prefix)
 
     def update(self, batch, adapt):
         """One agent train step -> (metrics, names of the optimisers that skipped a non-finite
@@ -547,8 +551,8 @@ class Run:
             log.scalar(f"replay_task_{task}_fraction", fraction)
         for key, value in (self.monitor.log_scalars() if self.monitor else {}).items():
             log.scalar(key, value)
-        if cfg_pixels(self.config) and self.config.video_pred_log and self.replay.num_episodes:
-            batch = self.agent.wm.preprocess(self.replay.sample(6, self.config.batch_length))
+        if cfg_pixels(self.config) and self.config.video_pred_log and self.replay.num_chunks:
+            batch = self.agent.wm.preprocess(self.sample_batch(6))
             log.video("train_openl", self.agent.wm.video_pred(batch))
         log.write(self.env_step, console=False)
         self.metrics, self.episode_stats = {}, []
@@ -615,8 +619,7 @@ def evaluate(agent, envs, episodes, record_video):
     ``record_video``, and with LLCD the context mean z of every step, in time order (n, Z)."""
     if episodes <= 0:
         return [], None, None
-    recorder = tools.Replay(None, capacity=10 ** 9) if record_video else None
-    driver = tools.Driver(envs, recorder)
+    driver = tools.Driver(envs, keep_episodes=record_video)
     returns, frames, zs = [], [], []
 
     def on_episode(episode_return, length, episode):

@@ -64,22 +64,38 @@ class WorldModel(nn.Module):
             out["cont"] = 1.0 - out["is_terminal"].float()
         return out
 
-    def infer_context(self, embed, data, adapt):
+    @property
+    def context_prefix(self):
+        """Steps before a replayed window that the LLCD context of its first step needs:
+        K transitions and the embedding before them (0 without LLCD)."""
+        return self.config.llcd_context_len + 1 if self.context is not None else 0
+
+    def infer_context(self, embed, data, adapt, before=None):
         """LLCD context of every replayed step: (z (B,T,Z), KL to N(0,I) (B,T)), or (None, None)
-        without LLCD. The context encoder is in the graph only while ``adapt`` (gate open);
-        otherwise z is still inferred and used, with the encoder frozen."""
+        without LLCD. ``before``: the steps before the window (see ``split_prefix``), so that
+        a window starting mid-episode does not start with an empty context. The context
+        encoder is in the graph only while ``adapt`` (gate open); otherwise z is still
+        inferred and used, with the encoder frozen."""
         if self.context is None:
             return None, None
+        embed, action, is_first, stored, start = embed.detach(), data["action"], data["is_first"], None, 0
+        if before is not None:
+            with torch.no_grad():
+                embed = torch.cat([self.encoder(before), embed], 1)  # (B, P + T, E)
+            action = torch.cat([before["action"], action], 1)
+            is_first = torch.cat([before["is_first"], is_first], 1)
+            stored = torch.cat([before["stored"], torch.ones_like(data["is_first"], dtype=torch.bool)], 1)
+            start = before["stored"].shape[1]
         with torch.set_grad_enabled(adapt and torch.is_grad_enabled()):
-            mean, std = self.context.sequence(embed.detach(), data["action"], data["is_first"])
+            mean, std = self.context.sequence(embed, action, is_first, stored, start)
             z = mean + std * torch.randn_like(std)  # (B, T, Z)
             return z, networks.gaussian_kl_to_standard(mean, std)
 
-    def compute_losses(self, data, adapt=False):
+    def compute_losses(self, data, adapt=False, before=None):
         """All loss terms, each (B, T), the posterior and prior states, the raw KL and the
         LLCD context KL (None without LLCD)."""
         embed = self.encoder(data)  # (B, T, E)
-        context, context_kl = self.infer_context(embed, data, adapt)
+        context, context_kl = self.infer_context(embed, data, adapt, before)
         post, prior = self.dynamics.observe(embed, data["action"], data["is_first"], context=context)
         dyn, rep, kl = self.dynamics.kl_losses(post["logit"], prior["logit"], self.config.kl_free)
         feat = self.dynamics.feat(post)  # (B, T, F)
@@ -89,12 +105,13 @@ class WorldModel(nn.Module):
         losses["dyn"], losses["rep"] = dyn, rep
         return losses, post, prior, kl, context_kl
 
-    def train_step(self, data, adapt=False):
+    def train_step(self, data, adapt=False, before=None):
         """One world-model update; with ``adapt`` (LLCD gate open) also one update of the
-        context encoder on llcd_scale * (model loss through z + llcd_beta * KL[q(z)||N(0,I)])."""
+        context encoder on llcd_scale * (model loss through z + llcd_beta * KL[q(z)||N(0,I)]).
+        ``before``: the steps before each window, for the LLCD context (``split_prefix``)."""
         cfg = self.config
         with tools.autocast(cfg.precision, cfg.device):
-            losses, post, prior, kl, context_kl = self.compute_losses(data, adapt)
+            losses, post, prior, kl, context_kl = self.compute_losses(data, adapt, before)
             means = {key: value.mean() for key, value in losses.items()}
             model_loss = sum(self.loss_scales[key] * value for key, value in means.items())
         metrics = self.optimizer.step(model_loss, retain_graph=adapt)
@@ -126,9 +143,9 @@ class WorldModel(nn.Module):
     def video_pred(self, data, observed=5, count=6):
         """Open-loop prediction video: observe ``observed`` frames, imagine the rest.
         Returns uint8 (count, T, H, 3*W): truth | model | error, side by side."""
-        data = {key: value[:count] for key, value in data.items()}
+        data, before = split_prefix({key: value[:count] for key, value in data.items()})
         embed = self.encoder(data)
-        z, _ = self.infer_context(embed, data, adapt=False)
+        z, _ = self.infer_context(embed, data, False, before)
         z = z[:, :observed] if z is not None else None
         post, _ = self.dynamics.observe(embed[:, :observed], data["action"][:, :observed],
                                         data["is_first"][:, :observed], context=z)
@@ -186,7 +203,7 @@ class ImagBehavior(nn.Module):
             returns = lambda_return(reward, value, discount, cfg.discount_lambda)  # (H, N)
             weights = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-1]]), 0).detach()
             scale = self.update_return_scale(returns)
-            adv = (returns - value[:-1].detach()) / scale  # (H, N)
+            adv = (returns - value[:-1]) / scale  # (H, N); dynamics backprop also through v(s_t)
             if self.discrete or cfg.imag_gradient == "reinforce":
                 policy_term = log_probs * adv.detach()
             else:
@@ -202,20 +219,23 @@ class ImagBehavior(nn.Module):
 
     def imagine(self, start, horizon):
         """Roll the prior forward with the actor from every start state (the LLCD context z
-        stays fixed along a rollout). Returns states {deter, stoch[, context]: (H+1, N, ...)},
-        actions (H, N, A), entropies (H, N) and log-probs of the actions (H, N)."""
+        stays fixed along a rollout). Continuous actions reach the model clipped to [-1, 1],
+        as acting clips them, with the gradient of the unclipped sample (straight through).
+        Returns states {deter, stoch[, context]: (H+1, N, ...)}, the actions the model saw
+        (H, N, A), entropies (H, N) and log-probs of the sampled actions (H, N)."""
         dynamics = self.wm.dynamics
         keys = [key for key in ("deter", "stoch", "context") if key in start]
         state = {key: start[key].detach().flatten(0, 1) for key in keys}  # (N, ...)
         states, actions, entropies, log_probs = [state], [], [], []
         for _ in range(horizon):
             dist = self.actor(dynamics.policy_feat(state).detach())
-            action = dist.sample()
+            sample = dist.sample()
+            action = sample if self.discrete else sample + (sample.clamp(-1, 1) - sample).detach()
             state = dynamics.img_step(state, action)
             states.append(state)
             actions.append(action)
             entropies.append(dist.entropy())
-            log_probs.append(dist.log_prob(action.detach()))
+            log_probs.append(dist.log_prob(sample.detach()))
         states = {key: torch.stack([s[key] for s in states]) for key in keys}
         return states, torch.stack(actions), torch.stack(entropies), torch.stack(log_probs)
 
@@ -247,6 +267,19 @@ class ImagBehavior(nn.Module):
             slow, fast = list(self.slow_critic.parameters()), list(self.critic.parameters())
             torch._foreach_lerp_(slow, fast, c.slow_target_fraction)
         self.updates += 1
+
+
+def split_prefix(data):
+    """A replayed batch -> (its windows {key: (B, T, ...)}, the steps before them
+    {key: (B, P, ...), stored: (B, P)} or None). The replay marks a batch that carries
+    P context steps before each window with ``prefix_stored`` (B, P)."""
+    if "prefix_stored" not in data:
+        return data, None
+    size = data["prefix_stored"].shape[1]
+    window = {key: value[:, size:] for key, value in data.items() if key != "prefix_stored"}
+    before = {key: value[:, :size] for key, value in data.items() if key != "prefix_stored"}
+    before["stored"] = data["prefix_stored"].bool()
+    return window, before
 
 
 def to_device(value, device):

@@ -529,22 +529,27 @@ class ContextEncoder(nn.Module):
         mean, raw_std = self.head(pooled).float().chunk(2, -1)
         return mean, F.softplus(raw_std) + self.min_std
 
-    def sequence(self, embed, action, is_first):
-        """Training-time posteriors for every step of replayed sequences.
-        embed (B,T,E), action (B,T,A), is_first (B,T) -> mean, std (B,T,Z)."""
+    def sequence(self, embed, action, is_first, stored=None, start=0):
+        """Training-time posteriors for steps ``start``.. of replayed sequences.
+        embed (B,T,E), action (B,T,A), is_first (B,T); ``stored`` (B,T) False on padding
+        steps (none if None), whose transitions are not used. The steps before ``start``
+        only serve as context. Returns mean, std (B, T - start, Z)."""
         batch, length = is_first.shape
         prev = torch.cat([torch.zeros_like(embed[:, :1]), embed[:, :-1]], 1)  # (B, T, E)
         feats = self.features(prev, action, embed)  # (B, T, U)
         time = torch.arange(length, device=embed.device)
         episode = is_first.long().cumsum(1)  # (B, T) episode index inside the sequence
         valid = ~is_first.bool() & (time > 0)  # transition j needs e_{j-1} of the same episode
+        if stored is not None:
+            valid = valid & stored & torch.cat([torch.zeros_like(stored[:, :1]), stored[:, :-1]], 1)
         lags = torch.arange(1, self.length + 1, device=embed.device)  # (K,)
-        source = time[:, None] - lags  # (T, K): step of the transition at each lag
+        steps = time[start:]  # (T', ) steps whose context is wanted
+        source = steps[:, None] - lags  # (T', K): step of the transition at each lag
         inside = source >= 0
         index = source.clamp(min=0)
-        history = feats[:, index]  # (B, T, K, U)
-        same = episode[:, index] == episode[:, :, None]  # (B, T, K)
-        mask = valid[:, index] & same & inside  # (B, T, K)
+        history = feats[:, index]  # (B, T', K, U)
+        same = episode[:, index] == episode[:, steps, None]  # (B, T', K)
+        mask = valid[:, index] & same & inside  # (B, T', K)
         return self.posterior(history, mask)
 
     def initial(self, batch, embed_dim, device):

@@ -6,16 +6,19 @@ merges blocks left to right, then ``--key value`` / ``--block.key value``
 overrides any leaf. Every key must exist in ``defaults`` and keep its type;
 mistakes raise ``ConfigError`` naming the key and the closest valid one.
 
-Replay: complete episodes live in memory and as ``<id>-<length>.npz`` files
-in the run's ``train_eps`` folder (written atomically); the files on disk
-always mirror the episodes in memory. Eviction keeps at most
-``dataset_size`` steps (oldest episode first, or reservoir sampling); evicted
-files wait in ``train_eps/.evicted`` until the next checkpoint, so a resume
-can put the folder back exactly as the checkpoint saw it.
+Replay: steps are stored as they arrive, in fixed-size chunks that live in
+memory and as ``<stamp>-<stream>-<seq>.npz`` files in the run's ``train_eps``
+folder (written atomically); the files on disk always mirror the chunks in
+memory. Training windows start at uniformly drawn stored steps and may cross
+episode boundaries. Eviction keeps at most ``dataset_size`` steps (oldest
+chunk first, or Algorithm R over chunks); evicted files wait in
+``train_eps/.evicted`` until the next checkpoint, so a resume can put the
+folder back exactly as the checkpoint saw it.
 """
 
 import contextlib
 import ctypes
+import datetime
 import difflib
 import io
 import json
@@ -25,6 +28,7 @@ import random
 import shutil
 import sys
 import time
+import uuid
 import warnings
 from collections import OrderedDict
 
@@ -196,8 +200,8 @@ def load_config(argv, path=ROOT / "configs.yaml"):
 def validate(config):
     """Reject impossible values before anything runs."""
     positive = ["steps", "batch_size", "batch_length", "train_ratio", "envs", "action_repeat",
-                "eval_every", "log_every", "checkpoint_every", "dataset_size", "imag_horizon", "llcd_context_len",
-                "llcd_context_dim", "llcd_units", "llcd_lr", "llcd_smoothing", "llcd_history_window",
+                "eval_every", "log_every", "checkpoint_every", "dataset_size", "replay_chunk", "imag_horizon",
+                "llcd_context_len", "llcd_context_dim", "llcd_units", "llcd_lr", "llcd_smoothing", "llcd_history_window",
                 "llcd_sigma", "llcd_patience", "llcd_burn_in", "nonfinite_limit"]
     for key in positive:
         if config[key] <= 0:
@@ -214,9 +218,12 @@ def validate(config):
     validate_task(config["task"])
     if config["crl_tasks"]:
         validate_schedule(config)
-    if config["batch_length"] * config["action_repeat"] > config["time_limit"]:
-        raise ConfigError(f"batch_length {config['batch_length']} exceeds the episode length "
-                          f"({config['time_limit']} // action_repeat {config['action_repeat']}); lower batch_length")
+    if config["replay_chunk"] < config["batch_length"]:
+        raise ConfigError(f"'replay_chunk' ({config['replay_chunk']}) must be >= 'batch_length' "
+                          f"({config['batch_length']}): a window spans at most two chunks; raise replay_chunk")
+    if config["llcd"] and config["replay_chunk"] <= config["llcd_context_len"]:
+        raise ConfigError(f"'replay_chunk' ({config['replay_chunk']}) must exceed 'llcd_context_len' "
+                          f"({config['llcd_context_len']}): the context before a window comes from one chunk")
 
 
 def validate_task(task):
@@ -357,7 +364,7 @@ def load_checkpoint(path, device):
 
 # Settings a checkpoint is tied to: the network shapes and the data its replay and counters describe.
 CHECKPOINT_KEYS = (
-    "task", "pixels", "size", "camera", "action_repeat", "envs", "prefill", "replay", "dataset_size",
+    "task", "pixels", "size", "camera", "action_repeat", "envs", "prefill", "replay", "replay_chunk", "dataset_size",
     "crl_tasks", "crl_steps_per_task", "dyn_hidden", "dyn_deter", "dyn_stoch", "dyn_discrete", "units", "act",
     "norm", *(f"{net}.{key}" for net in ("encoder", "decoder") for key in
               ("mlp_layers", "mlp_units", "cnn_depth", "kernel_size", "minres")),
@@ -509,94 +516,253 @@ class Progress:
 
 
 class Replay:
-    """Episode replay with an on-disk mirror; capacity in steps.
+    """Step replay in fixed-size chunks with an on-disk mirror; capacity in steps.
 
-    ``policy`` decides which episodes are kept once the buffer is full:
-    - ``fifo``: the oldest episodes are evicted;
-    - ``reservoir``: Vitter's Algorithm R over episodes: the n-th episode ever
-      offered is stored with probability k/n (k = episodes stored), replacing a
-      uniformly chosen stored one, so every episode ever collected is equally
-      likely to be in the buffer and old physics stay represented.
-    ``seen`` (episodes ever offered) is part of ``state_dict`` for resuming.
+    Storage: steps enter as they arrive (``add_step``), one open chunk per env. A chunk
+    closes when it holds ``chunk`` steps, whatever the episode boundaries inside it, is
+    written to ``<stamp>-<stream>-<seq>.npz`` and is sampleable at once: the running
+    episode is trainable after at most one chunk. The chunks of one env form a stream
+    (``seq`` counts them), so a window can run on into the next chunk.
 
-    Crash consistency with a checkpoint: ``remove`` moves an evicted file into
-    ``.evicted/`` instead of deleting it, the run calls ``purge_evicted`` after
-    each checkpoint, and ``state_dict`` lists the stored episodes in order. On
-    resume, ``load_state_dict`` deletes files written after the checkpoint,
-    moves back the files it still lists and reloads them in its order, so
-    memory, disk and checkpoint agree and the reservoir continues exactly.
+    Sampling (as DreamerV3): a window of ``length`` steps starts at a uniformly drawn stored
+    step among those whose window is stored (inside its chunk, or running on into the
+    stored successor); windows cross episode boundaries, ``is_first`` marking each start.
+    ``prefix`` > 0 adds the steps before each window (the LLCD context) where the
+    predecessor chunk is stored, zeros elsewhere, with ``prefix_stored`` (B, prefix) telling
+    which are real.
+
+    ``policy`` decides which chunks stay once ``capacity // chunk`` are stored:
+    - ``fifo``: the oldest chunk is evicted;
+    - ``reservoir``: Vitter's Algorithm R over chunks: the n-th chunk ever closed is
+      stored with probability k/n, replacing a uniformly chosen stored one. All chunks
+      have the same size, so every step ever collected is kept with the same probability
+      whatever the episode lengths, and old physics stay represented.
+
+    Crash consistency with a checkpoint: ``state_dict`` holds the stored chunk names in
+    order, the open chunks, ``seen`` and the RNG; ``remove`` moves an evicted file into
+    ``.evicted/`` until ``purge_evicted`` (called after each checkpoint). On resume,
+    ``load_state_dict`` deletes files written after the checkpoint, moves back the ones it
+    lists and reloads them in its order, so memory, disk and checkpoint agree, no step the
+    checkpoint counted is lost or stored twice, and the reservoir continues exactly.
     """
 
     EVICTED = ".evicted"
 
     POLICIES = ("fifo", "reservoir")
 
-    def __init__(self, directory, capacity, seed=0, policy="fifo"):
-        """``directory`` None keeps episodes in memory only (e.g. for eval videos)."""
+    def __init__(self, directory, capacity, seed=0, policy="fifo", chunk=64):
+        """``directory`` None keeps the chunks in memory only."""
         if policy not in self.POLICIES:
             raise ValueError(f"replay policy must be one of {self.POLICIES}, got {policy!r}")
         self.directory = pathlib.Path(directory) if directory is not None else None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
-        self.capacity, self.policy = capacity, policy
-        self.episodes = OrderedDict()  # name -> {key: (L, ...) array}
-        self.ongoing = {}  # env index -> {key: [values]}
+        self.chunk, self.policy = chunk, policy
+        self.slots = max(1, capacity // chunk)  # k: chunks the buffer holds
+        self.chunks = OrderedDict()  # name -> {key: (chunk, ...) array}, oldest first
+        self.positions = {}  # (stream, seq) -> name of every stored chunk
+        self.open = {}  # env index -> {key: [values]}: the chunk being filled
+        self.streams = {}  # env index -> [stream id, seq of its open chunk]
         self.rng = np.random.default_rng(seed)
-        self.num_steps = 0  # steps stored now
-        self.seen = 0  # episodes ever offered
+        self.seen = 0  # chunks ever closed
+        self.tables = {}  # window length -> sampling table, cleared when the stored chunks change
 
     @property
     def evicted_dir(self):
         return self.directory / self.EVICTED
 
+    @property
+    def num_steps(self):
+        return len(self.chunks) * self.chunk
+
+    @property
+    def num_chunks(self):
+        return len(self.chunks)
+
     def file_names(self):
-        """Names of the episode files in the folder, oldest first (ids start with a timestamp)."""
+        """Names of the chunk files in the folder, oldest first (names start with a timestamp)."""
         return sorted(path.stem for path in self.directory.glob("*.npz"))
 
+    # -- adding
+
+    def add_step(self, env_index, transition):
+        """Append one step of env ``env_index``; closes its chunk when full."""
+        steps = self.open.setdefault(env_index, {})
+        for key, value in transition.items():
+            steps.setdefault(key, []).append(value)
+        if len(steps[next(iter(steps))]) == self.chunk:
+            self.close(env_index)
+
+    def close(self, env_index):
+        """Offer env ``env_index``'s full chunk to the buffer (FIFO or Algorithm R)."""
+        steps = self.open.pop(env_index)
+        stream, seq = self.streams.setdefault(env_index, [uuid.uuid4().hex[:12], 0])
+        self.streams[env_index][1] += 1
+        self.seen += 1
+        if self.admit():
+            stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
+            self.store(f"{stamp}-{stream}-{seq:06d}", {key: np.stack(values) for key, values in steps.items()})
+
+    def admit(self):
+        """Algorithm R: once k chunks are stored, keep the n-th with probability k/n in place
+        of a uniformly chosen one (FIFO admits everything and evicts the oldest)."""
+        if self.policy == "fifo" or len(self.chunks) < self.slots:
+            return True
+        slot = self.rng.integers(0, self.seen)
+        if slot >= self.slots:
+            return False
+        self.remove(list(self.chunks)[slot])
+        return True
+
+    def store(self, name, chunk):
+        if self.directory is not None:
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, **chunk)
+            atomic_write_bytes(self.directory / f"{name}.npz", buffer.getvalue())
+        self.insert(name, chunk)
+        self.evict_oldest()
+
+    def insert(self, name, chunk):
+        self.chunks[name] = chunk
+        self.positions[chunk_position(name)] = name
+        self.tables.clear()
+
+    def evict_oldest(self):
+        while len(self.chunks) > self.slots:
+            self.remove(next(iter(self.chunks)))
+
+    def remove(self, name):
+        """Evict a chunk; its file moves to ``.evicted/`` until the next checkpoint."""
+        del self.chunks[name]
+        del self.positions[chunk_position(name)]
+        self.tables.clear()
+        if self.directory is not None:
+            self.evicted_dir.mkdir(exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.directory / f"{name}.npz", self.evicted_dir / f"{name}.npz")
+
+    # -- sampling
+
+    def can_sample(self, length):
+        return bool(self.chunks) and length <= self.chunk
+
+    def sampling_table(self, length):
+        """(names, cumulative window-start counts) over the stored chunks: a chunk whose
+        successor is stored starts ``chunk`` windows, any other ``chunk - length + 1``."""
+        if length not in self.tables:
+            names = list(self.chunks)
+            counts = [self.chunk if self.successor(name) else self.chunk - length + 1 for name in names]
+            self.tables[length] = names, np.cumsum(counts)
+        return self.tables[length]
+
+    def successor(self, name):
+        stream, seq = chunk_position(name)
+        return self.positions.get((stream, seq + 1))
+
+    def predecessor(self, name):
+        stream, seq = chunk_position(name)
+        return self.positions.get((stream, seq - 1))
+
+    def sample(self, batch, length, prefix=0):
+        """``batch`` windows -> {key: (B, prefix + length, ...)}, plus ``prefix_stored``
+        (B, prefix) when ``prefix`` > 0 (see the class docstring)."""
+        if not self.chunks:
+            raise RuntimeError("the replay holds no complete chunk yet; prefill more steps")
+        if length > self.chunk or prefix > self.chunk:
+            raise ValueError(f"windows of {length} steps with {prefix} context steps need "
+                             f"replay_chunk >= {max(length, prefix)}, it is {self.chunk}")
+        names, cumulative = self.sampling_table(length)
+        picks = self.rng.integers(0, cumulative[-1], size=batch)
+        index = np.searchsorted(cumulative, picks, side="right")
+        offsets = picks - np.concatenate([[0], cumulative])[index]
+        windows = [self.window(names[i], int(o), length, prefix) for i, o in zip(index, offsets)]
+        return {key: np.stack([window[key] for window in windows]) for key in windows[0]}
+
+    def window(self, name, offset, length, prefix):
+        """Steps [offset - prefix, offset + length) counted from the start of chunk ``name``;
+        the prefix is zero-padded where the predecessor chunk is not stored."""
+        before, after = self.predecessor(name), self.successor(name)
+        begin, end = offset - prefix, offset + length
+        padding = max(0, -begin) if before is None else 0
+        begin += padding
+        segments = [(self.chunks[piece], start) for piece, start in
+                    ((before, -self.chunk), (name, 0), (after, self.chunk))
+                    if piece is not None and begin < start + self.chunk and end > start]
+        out = {}
+        for key, value in self.chunks[name].items():
+            pad = np.zeros((padding, *value.shape[1:]), value.dtype)
+            out[key] = np.concatenate([pad, *(chunk[key][max(begin - start, 0):end - start]
+                                             for chunk, start in segments)])
+        if prefix:
+            out["prefix_stored"] = np.arange(prefix) >= padding
+        return out
+
+    def task_fractions(self):
+        """Fraction of stored steps per task id (steps carry a ``task_id`` key in CRL runs)."""
+        counts = {}
+        for chunk in self.chunks.values():
+            if "task_id" in chunk:
+                ids, sizes = np.unique(chunk["task_id"], return_counts=True)
+                for task, size in zip(ids.tolist(), sizes.tolist()):
+                    counts[task] = counts.get(task, 0) + size
+        total = sum(counts.values())
+        return {task: size / total for task, size in sorted(counts.items())}
+
+    # -- files and checkpoints
+
     def load(self, names=None):
-        """Read the episodes ``names`` in that order (default: every file, oldest first)."""
+        """Read the chunks ``names`` in that order (default: every file, oldest first); keeps
+        the newest ``capacity // chunk`` of them."""
         for name in self.file_names() if names is None else names:
-            episode = self.read(name)
-            if episode is not None:
-                self.episodes[name] = episode
-                self.num_steps += episode_length(episode)
-        self.seen = len(self.episodes)
-        self.evict()
+            chunk = self.read(name)
+            if chunk is not None:
+                self.insert(name, chunk)
+        self.seen = max(self.seen, len(self.chunks))
+        self.evict_oldest()
         return self
 
     def read(self, name):
-        """One episode file, or None with a warning if it is unreadable (then renamed to
+        """One chunk file, or None with a warning if it is unreadable (then renamed to
         ``<name>.npz.corrupt``, so the folder keeps mirroring memory)."""
         path = self.directory / f"{name}.npz"
         try:
             with np.load(path) as data:
-                return {key: data[key] for key in data.files}
+                chunk = {key: data[key] for key in data.files}
+            if any(len(value) != self.chunk for value in chunk.values()):
+                raise ValueError(f"it does not hold {self.chunk} steps (another replay_chunk?)")
+            return chunk
         except Exception as error:  # noqa: BLE001 - any corruption: skip the file, keep going
-            warnings.warn(f"skipping unreadable episode {path.name}: {error}")
+            warnings.warn(f"skipping unreadable replay chunk {path.name}: {error}")
             if path.exists():
                 os.replace(path, path.with_name(f"{path.name}.corrupt"))
             return None
 
     def state_dict(self):
-        return {"seen": self.seen, "rng": self.rng.bit_generator.state, "episodes": list(self.episodes)}
+        return {"seen": self.seen, "rng": self.rng.bit_generator.state, "chunks": list(self.chunks),
+                "open": {index: {key: np.stack(values) for key, values in steps.items()}
+                         for index, steps in self.open.items()},
+                "streams": {index: list(stream) for index, stream in self.streams.items()}}
 
     def load_state_dict(self, state):
-        """Restore the buffer a checkpoint saw: its episodes in its order, on disk and in memory."""
-        names = state.get("episodes")  # absent in checkpoints older than the episode list
-        names = self.file_names() if names is None else names
-        self.episodes.clear()
-        self.num_steps = 0
-        deleted = self.restore_files(names)
+        """Restore the buffer a checkpoint saw: its chunks in its order, on disk and in memory,
+        and the chunks that were being filled."""
+        self.chunks.clear()
+        self.positions.clear()
+        self.tables.clear()
+        deleted = self.restore_files(state["chunks"])
         if deleted:
-            print(f"Deleted {deleted} episode files written after the checkpoint; "
+            print(f"Deleted {deleted} replay chunk files written after the checkpoint; "
                   "those steps are collected again.", flush=True)
-        self.load(names)
-        self.seen = max(state["seen"], len(self.episodes))
+        self.load(state["chunks"])
+        self.seen = max(state["seen"], len(self.chunks))
         self.rng.bit_generator.state = state["rng"]
+        self.open = {index: {key: list(values) for key, values in steps.items()}
+                     for index, steps in state["open"].items()}
+        self.streams = {index: list(stream) for index, stream in state["streams"].items()}
 
     def restore_files(self, names):
         """Make the folder hold exactly the files ``names``: move evicted ones back, delete
-        the others and leftover temp files. Returns the number of episode files deleted."""
+        the others and leftover temp files. Returns the number of chunk files deleted."""
         wanted = set(names)
         for path in self.evicted_dir.glob("*.npz"):
             if path.stem in wanted:
@@ -619,92 +785,18 @@ class Replay:
         """
         deleted = self.restore_files([])
         if deleted:
-            print(f"No checkpoint: deleted {deleted} episode files of an unfinished prefill; "
+            print(f"No checkpoint: deleted {deleted} replay chunk files of an unfinished prefill; "
                   "prefill starts over.", flush=True)
 
     def purge_evicted(self):
         """Delete the files evicted since the last checkpoint (call after saving one)."""
         shutil.rmtree(self.evicted_dir, ignore_errors=True)
 
-    @property
-    def num_episodes(self):
-        return len(self.episodes)
 
-    def add_step(self, env_index, transition):
-        episode = self.ongoing.setdefault(env_index, {})
-        for key, value in transition.items():
-            episode.setdefault(key, []).append(value)
-
-    def finish(self, env_index, episode_id):
-        """Close env ``env_index``'s episode and offer it to the buffer; returns the episode."""
-        episode = {key: np.stack(values) for key, values in self.ongoing.pop(env_index).items()}
-        self.seen += 1
-        if self.admit(episode_length(episode)):
-            self.store(f"{episode_id}-{episode_length(episode)}", episode)
-        return episode
-
-    def admit(self, length):
-        """Reservoir decision for a new episode (FIFO admits everything)."""
-        if self.policy == "fifo" or self.num_steps + length <= self.capacity:
-            return True
-        slot = self.rng.integers(0, self.seen)
-        if slot >= len(self.episodes):
-            return False
-        self.remove(list(self.episodes)[slot])
-        return True
-
-    def store(self, name, episode):
-        if self.directory is not None:
-            buffer = io.BytesIO()
-            np.savez_compressed(buffer, **episode)
-            atomic_write_bytes(self.directory / f"{name}.npz", buffer.getvalue())
-        self.episodes[name] = episode
-        self.num_steps += episode_length(episode)
-        self.evict()
-
-    def evict(self):
-        """Drop episodes until the capacity holds (oldest for FIFO, random for reservoir)."""
-        while self.num_steps > self.capacity and len(self.episodes) > 1:
-            names = list(self.episodes)
-            self.remove(names[0] if self.policy == "fifo" else names[self.rng.integers(0, len(names) - 1)])
-
-    def remove(self, name):
-        """Evict an episode; its file moves to ``.evicted/`` until the next checkpoint."""
-        episode = self.episodes.pop(name)
-        self.num_steps -= episode_length(episode)
-        if self.directory is not None:
-            self.evicted_dir.mkdir(exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(self.directory / f"{name}.npz", self.evicted_dir / f"{name}.npz")
-
-    def task_fractions(self):
-        """Fraction of stored steps per task id (episodes carry a ``task_id`` key in CRL runs)."""
-        counts = {}
-        for episode in self.episodes.values():
-            if "task_id" in episode:
-                ids, sizes = np.unique(episode["task_id"], return_counts=True)
-                for task, size in zip(ids.tolist(), sizes.tolist()):
-                    counts[task] = counts.get(task, 0) + size
-        total = sum(counts.values())
-        return {task: size / total for task, size in sorted(counts.items())}
-
-    def can_sample(self, length):
-        return any(episode_length(ep) >= length for ep in self.episodes.values())
-
-    def sample(self, batch, length):
-        """Uniform over all length-``length`` windows inside stored episodes -> {key: (B, T, ...)}."""
-        episodes = [ep for ep in self.episodes.values() if episode_length(ep) >= length]
-        if not episodes:
-            raise RuntimeError(f"no stored episode has {length} steps yet; lower batch_length or prefill more")
-        windows = np.array([episode_length(ep) - length + 1 for ep in episodes], dtype=np.float64)
-        picks = self.rng.choice(len(episodes), size=batch, p=windows / windows.sum())
-        starts = [self.rng.integers(0, windows[i]) for i in picks]
-        keys = episodes[0].keys()
-        return {key: np.stack([episodes[i][key][s:s + length] for i, s in zip(picks, starts)]) for key in keys}
-
-
-def episode_length(episode):
-    return len(episode["reward"])
+def chunk_position(name):
+    """'<stamp>-<stream>-<seq>' -> (stream, seq)."""
+    _, stream, seq = name.rsplit("-", 2)
+    return stream, int(seq)
 
 
 # ----------------------------------------------------------------- driver
@@ -715,12 +807,15 @@ class Driver:
 
     Keeps each env's current observation and the policy state between calls,
     so training can alternate with evaluation without cutting episodes.
-    A stored transition holds obs_t, the action that led to it, and r_t.
+    A stored transition holds obs_t, the action that led to it, and r_t. Transitions go
+    to ``replay`` as they arrive; with ``keep_episodes`` each finished episode is also
+    handed to ``on_episode`` as {key: (L, ...) array} (e.g. for eval videos).
     """
 
-    def __init__(self, envs, replay=None, before_reset=None):
+    def __init__(self, envs, replay=None, before_reset=None, keep_episodes=False):
         self.envs = envs
         self.replay = replay
+        self.episodes = {} if keep_episodes else None  # env index -> {key: [values]}
         self.before_reset = before_reset  # called with the env index before each reset
         self.obs = [None] * len(envs)
         self.returns = np.zeros(len(envs))
@@ -739,9 +834,12 @@ class Driver:
             self.record(i, obs, np.zeros(self.envs[i].action_space.shape, np.float32), 0.0, 1.0)
 
     def record(self, index, obs, action, reward, discount):
+        transition = {**obs, "action": action, "reward": np.float32(reward), "discount": np.float32(discount)}
         if self.replay is not None:
-            self.replay.add_step(index, {**obs, "action": action, "reward": np.float32(reward),
-                                         "discount": np.float32(discount)})
+            self.replay.add_step(index, transition)
+        if self.episodes is not None:
+            for key, value in transition.items():
+                self.episodes.setdefault(index, {}).setdefault(key, []).append(value)
 
     def run(self, policy, steps=0, episodes=0, on_step=None, on_episode=None):
         """Run until ``steps`` agent steps (summed over envs) or ``episodes`` episodes end."""
@@ -767,9 +865,11 @@ class Driver:
                 on_step(len(self.envs))
 
     def end_episode(self, index, on_episode):
-        stored = self.replay.finish(index, self.envs[index].id) if self.replay is not None else None
+        episode = None
+        if self.episodes is not None:
+            episode = {key: np.stack(values) for key, values in self.episodes.pop(index).items()}
         if on_episode:
-            on_episode(self.returns[index], int(self.lengths[index]), stored)
+            on_episode(self.returns[index], int(self.lengths[index]), episode)
         self.obs[index] = None
 
 

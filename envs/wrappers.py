@@ -1,4 +1,4 @@
-"""Environment wrappers: time limit, action normalisation, episode ids, and
+"""Environment wrappers: time limit, action normalisation, and
 ``Parallel``, which runs an environment in its own process.
 
 Every wrapper forwards unknown attributes to the wrapped env, so methods such
@@ -9,10 +9,8 @@ result) so several envs can step concurrently; ``InProcess`` offers the same
 interface without a subprocess.
 """
 
-import datetime
 import multiprocessing
 import traceback
-import uuid
 
 import cloudpickle
 import gymnasium as gym
@@ -75,19 +73,6 @@ class NormalizeActions(Wrapper):
     def step(self, action):
         original = (action + 1) / 2 * (self._high - self._low) + self._low
         return self.env.step(np.where(self._mask, original, action))
-
-
-class UUID(Wrapper):
-    """Gives each episode a sortable unique id (``env.id``) used for its file name."""
-
-    def __init__(self, env):
-        super().__init__(env)
-        self.id = None
-
-    def reset(self):
-        stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
-        self.id = f"{stamp}-{uuid.uuid4().hex}"
-        return self.env.reset()
 
 
 class InProcess(Wrapper):

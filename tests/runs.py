@@ -8,11 +8,13 @@ import os
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dreamer  # noqa: E402
+import tools  # noqa: E402
 
 
 class Stop(Exception):
@@ -32,8 +34,21 @@ def read_rows(logdir):
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def episode_files(logdir):
+def chunk_files(logdir):
+    """The run's replay chunk files, oldest first (names start with a timestamp)."""
     return sorted((pathlib.Path(logdir) / "train_eps").glob("*.npz"))
+
+
+def replay_steps(logdir):
+    """Every step a one-env run's replay holds, in arrival order: the chunk files, then the
+    chunk being filled at the last checkpoint. Returns {key: (L, ...) array}."""
+    parts = []
+    for path in chunk_files(logdir):
+        with np.load(path) as data:
+            parts.append({key: data[key] for key in data.files})
+    payload = tools.load_checkpoint(pathlib.Path(logdir) / "latest.pt", "cpu")
+    parts += list(payload["replay"]["open"].values())
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
 def crash_training_at(monkeypatch, args, agent_step):

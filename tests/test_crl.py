@@ -8,7 +8,6 @@ transitions), action_repeat 2, so task j of [0, 1, 2, 3] covers agent steps
 """
 
 import os
-import pathlib
 import sys
 
 import numpy as np
@@ -19,118 +18,18 @@ sys.path.insert(0, ROOT)
 
 import dreamer  # noqa: E402
 import tools  # noqa: E402
-from runs import crash_training_at, read_rows, run_main  # noqa: E402
+from runs import crash_training_at, read_rows, replay_steps, run_main  # noqa: E402
 
 CRL = ["--configs", "dmc_crl_cartpole", "debug", "--crl_steps_per_task", "100", "--train_ratio", "16",
        "--eval_every", "100", "--device", "cpu", "--threads", "1"]
 PREFILL, SPT, REPEAT, TASKS = 100, 100, 2, [0, 1, 2, 3]
+EPISODE = 101  # stored transitions of an episode: the reset and 100 agent steps
 
 
 def task_sequence(logdir):
     """Task ids of every stored non-first transition, in collection order."""
-    files = sorted((pathlib.Path(logdir) / "train_eps").glob("*.npz"))
-    ids = []
-    for path in files:
-        with np.load(path) as episode:
-            ids += episode["task_id"][~episode["is_first"]].tolist()
-    return ids
-
-
-# ----------------------------------------------------------------- reservoir statistics
-
-
-def stream(replay, tasks, episodes_per_task, length):
-    """Offer ``episodes_per_task`` episodes of ``length`` steps per task, in task order."""
-    for task in tasks:
-        for index in range(episodes_per_task):
-            for step in range(length):
-                replay.add_step(0, {"reward": np.float32(0), "task_id": np.int32(task)})
-            replay.finish(0, f"{task:02d}-{index:05d}")
-
-
-def retained_per_task(replay, tasks):
-    counts = {task: 0 for task in tasks}
-    for episode in replay.episodes.values():
-        counts[int(episode["task_id"][0])] += 1
-    return np.array([counts[t] for t in tasks])
-
-
-class RandomEviction(tools.Replay):
-    """The common mistake: always admit, evict a uniformly random stored episode."""
-
-    def admit(self, length):
-        return True
-
-    def evict(self):
-        while self.num_steps > self.capacity:
-            names = list(self.episodes)
-            self.remove(names[self.rng.integers(0, len(names))])
-
-
-CHI2_3DOF_999 = 16.27  # chi-square critical value, 3 degrees of freedom, p = 0.001
-
-
-def pooled_chi_square(make_replay, seeds=20):
-    """Chi-square of the retained-per-task counts (pooled over seeds) against uniform."""
-    total = np.zeros(len(TASKS))
-    for seed in range(seeds):
-        replay = make_replay(seed)
-        stream(replay, TASKS, episodes_per_task=200, length=10)
-        total += retained_per_task(replay, TASKS)
-    expected = total.sum() / len(TASKS)
-    return ((total - expected) ** 2 / expected).sum(), total
-
-
-def test_reservoir_keeps_every_task_uniformly():
-    """Capacity 100 episodes out of 800 offered: each task keeps ~25 per seed (500 pooled)."""
-    chi2, total = pooled_chi_square(lambda seed: tools.Replay(None, 1000, seed, "reservoir"))
-    assert chi2 < CHI2_3DOF_999, total
-    assert total.sum() == 20 * 100
-
-
-def test_fifo_keeps_only_the_last_task():
-    _, total = pooled_chi_square(lambda seed: tools.Replay(None, 1000, seed, "fifo"))
-    assert total[:-1].sum() == 0 and total[-1] == 20 * 100
-
-
-def test_random_eviction_fails_the_uniformity_test():
-    chi2, total = pooled_chi_square(lambda seed: RandomEviction(None, 1000, seed, "fifo"))
-    assert chi2 > CHI2_3DOF_999, total
-    assert total[-1] > total[0] * 5  # exponential bias toward recent data
-
-
-def test_reservoir_each_episode_equally_likely():
-    """Algorithm R: P(episode i kept) = k/n for every i; check early vs late episodes."""
-    kept_early = kept_late = 0
-    for seed in range(200):
-        replay = tools.Replay(None, 50, seed, "reservoir")  # k = 10 episodes of 5 steps
-        stream(replay, [0], episodes_per_task=100, length=5)
-        names = set(replay.episodes)
-        kept_early += sum(f"00-{i:05d}-5" in names for i in range(10))
-        kept_late += sum(f"00-{i:05d}-5" in names for i in range(90, 100))
-    expected = 200 * 10 * 10 / 100  # 200 seeds x 10 episodes x k/n
-    for kept in (kept_early, kept_late):
-        assert abs(kept - expected) < 4 * np.sqrt(expected), (kept_early, kept_late, expected)
-
-
-def test_reservoir_disk_mirrors_memory_and_resumes(tmp_path):
-    replay = tools.Replay(tmp_path, 100, 0, "reservoir")
-    stream(replay, TASKS, episodes_per_task=10, length=10)
-    assert sorted(p.stem for p in tmp_path.glob("*.npz")) == sorted(replay.episodes)
-    state = replay.state_dict()
-    assert state["seen"] == 40
-    resumed = tools.Replay(tmp_path, 100, 0, "reservoir").load()
-    resumed.load_state_dict(state)
-    assert resumed.seen == 40 and sorted(resumed.episodes) == sorted(replay.episodes)
-    stream(resumed, [4], episodes_per_task=1, length=10)
-    assert resumed.seen == 41
-
-
-def test_task_fractions_count_steps():
-    replay = tools.Replay(None, 10 ** 6, 0, "fifo")
-    stream(replay, [0], episodes_per_task=3, length=10)
-    stream(replay, [2], episodes_per_task=1, length=10)
-    assert replay.task_fractions() == {0: 0.75, 2: 0.25}
+    steps = replay_steps(logdir)
+    return steps["task_id"][~steps["is_first"]].tolist()
 
 
 # ----------------------------------------------------------------- schedule and config
@@ -211,15 +110,14 @@ def test_every_task_is_evaluated_with_forgetting_metrics(crl_run):
 def test_episode_switch_waits_for_the_next_episode(tmp_path):
     run_main(CRL + ["--logdir", str(tmp_path), "--crl_switch", "episode", "--crl_steps_per_task", "150",
                     "--crl_tasks", "[0, 1]"])
-    files = sorted((tmp_path / "train_eps").glob("*.npz"))
-    per_episode = []
-    for path in files:
-        with np.load(path) as episode:
-            per_episode.append(set(episode["task_id"].tolist()))
+    steps = replay_steps(tmp_path)
+    episodes = np.split(steps["task_id"], np.flatnonzero(steps["is_first"])[1:])
+    per_episode = [set(ids.tolist()) for ids in episodes]
     assert all(len(ids) == 1 for ids in per_episode)  # no episode mixes physics
     # prefill (episode 1) and window 0 (steps 101-250) run task 0; the switch at step 250 falls
     # mid-episode 3 (steps 201-300), so task 1 starts with episode 4.
     assert [ids.pop() for ids in per_episode] == [0, 0, 0, 1]
+    assert [len(ids) for ids in episodes] == [EPISODE] * 4
 
 
 def test_resume_mid_schedule_continues_on_the_right_task(tmp_path, monkeypatch):

@@ -26,16 +26,11 @@ sys.path.insert(0, ROOT)
 
 import dreamer  # noqa: E402
 import tools  # noqa: E402
-from runs import episode_files, read_rows, run_main  # noqa: E402
+from runs import chunk_files, read_rows, replay_steps, run_main  # noqa: E402
 
 BASE = ["--configs", "debug", "--task", "dmc_cartpole_balance", "--train_ratio", "16", "--device", "cpu",
         "--threads", "1"]
 ACTION_REPEAT, PREFILL, EPISODE_STEPS, BATCH_STEPS, TRAIN_RATIO = 2, 100, 100, 4 * 16, 16
-
-
-def episode_id(path):
-    """'<stamp>-<uuid>-<length>.npz' -> '<stamp>-<uuid>'."""
-    return path.stem.rsplit("-", 1)[0]
 
 
 def expected_updates(agent_step):
@@ -84,27 +79,29 @@ def test_run_writes_config_metrics_events_checkpoint_and_episodes(first_run):
     assert payload["updates"] == expected_updates(payload["agent_step"]) > 0
     assert len(payload["optimizers"]) >= 3  # world model, actor, critic
     assert set(payload["rng"]) >= {"python", "numpy", "torch"}
-    # train_eps: complete episodes of 101 transitions with the expected keys
-    files = episode_files(logdir)
-    assert len(files) >= 2
+    # train_eps: 64-step chunks; with the chunk being filled they hold every step collected,
+    # two 101-transition episodes (a reset then 100 agent steps each), in order
+    files = chunk_files(logdir)
+    assert len(files) == 2 * (EPISODE_STEPS + 1) // 64
     for path in files:
         with np.load(path) as data:
-            episode = {key: data[key] for key in data.files}
-        length = EPISODE_STEPS + 1
-        assert path.stem.endswith(f"-{length}")
-        assert {"state", "action", "reward", "is_first", "is_last", "is_terminal", "discount"} <= set(episode)
-        assert episode["state"].shape == (length, 5) and episode["action"].shape == (length, 1)
-        assert episode["is_first"][0] and not episode["is_first"][1:].any()
-        assert episode["is_last"][-1]
-        assert np.all(episode["action"][0] == 0)
-        assert np.all(np.abs(episode["action"]) <= 1)
+            assert {"state", "action", "reward", "is_first", "is_last", "is_terminal", "discount"} <= set(data.files)
+            assert data["state"].shape == (64, 5) and data["action"].shape == (64, 1)
+    steps = replay_steps(logdir)
+    length = EPISODE_STEPS + 1
+    assert len(steps["reward"]) == 2 * length
+    assert np.flatnonzero(steps["is_first"]).tolist() == [0, length]
+    assert np.flatnonzero(steps["is_last"]).tolist() == [length - 1, 2 * length - 1]
+    assert np.all(steps["action"][steps["is_first"]] == 0)
+    assert np.all(np.abs(steps["action"]) <= 1)
 
 
 def test_resume_continues_steps_without_duplicates(first_run, tmp_path):
     source, _ = first_run
     logdir = tmp_path / "run"
     shutil.copytree(source, logdir)
-    before_files = {path.name for path in episode_files(logdir)}
+    before_files = {path.name for path in chunk_files(logdir)}
+    before_steps = replay_steps(logdir)
     before = tools.load_checkpoint(logdir / "latest.pt", "cpu")
     printed = run_main([*BASE, "--steps", "800", "--logdir", str(logdir)])
     assert "Resumed" in printed
@@ -129,12 +126,16 @@ def test_resume_continues_steps_without_duplicates(first_run, tmp_path):
     assert eval_steps == sorted(set(eval_steps))
     assert 400 in eval_steps and eval_steps[-1] == 800
     assert any(row["step"] > 400 and "model_loss" in row for row in rows)
-    # episodes: the first run's files are kept, no episode stored twice
-    after_files = {path.name for path in episode_files(logdir)}
+    # replay: the first run's files are kept and its steps continue, none stored twice:
+    # 4 episodes of 101 transitions, the first two exactly those stored before
+    after_files = {path.name for path in chunk_files(logdir)}
     assert before_files <= after_files
     assert len(after_files) > len(before_files)
-    ids = [episode_id(path) for path in episode_files(logdir)]
-    assert len(ids) == len(set(ids))
+    after_steps = replay_steps(logdir)
+    assert len(after_steps["reward"]) == 4 * (EPISODE_STEPS + 1)
+    for key, value in before_steps.items():
+        np.testing.assert_array_equal(after_steps[key][:len(value)], value)
+    assert np.flatnonzero(after_steps["is_first"]).tolist() == [i * (EPISODE_STEPS + 1) for i in range(4)]
 
 
 def test_eval_only_writes_returns(first_run, tmp_path):
@@ -163,11 +164,11 @@ def test_parallel_envs_run(tmp_path):
     run_main([*BASE, "--parallel", "True", "--envs", "2", "--logdir", str(logdir)])
     payload = tools.load_checkpoint(logdir / "latest.pt", "cpu")
     assert payload["agent_step"] == 400 // ACTION_REPEAT
-    # 200 agent steps over 2 envs: each env completes one 100-step episode
-    files = episode_files(logdir)
+    # 200 agent steps over 2 envs: each env stores 101 transitions, one full 64-step chunk each
+    files = chunk_files(logdir)
     assert len(files) == 2
-    assert all(path.stem.endswith(f"-{EPISODE_STEPS + 1}") for path in files)
-    assert len({episode_id(path) for path in files}) == 2
+    assert len({tools.chunk_position(path.stem)[0] for path in files}) == 2  # one stream per env
+    assert all(len(steps["reward"]) == EPISODE_STEPS + 1 - 64 for steps in payload["replay"]["open"].values())
     assert any("eval_return" in row for row in read_rows(logdir))
 
 
@@ -187,12 +188,12 @@ def test_pixel_run_stores_images(tmp_path):
         pytest.skip(f"MuJoCo EGL rendering unavailable ({reason})")
     logdir = tmp_path / "run"
     run_main([*BASE, "--pixels", "True", "--video_pred_log", "True", "--logdir", str(logdir)])
-    files = episode_files(logdir)
+    files = chunk_files(logdir)
     assert files
     with np.load(files[0]) as data:
         assert "image" in data.files and "state" not in data.files
         image = data["image"]
-    assert image.shape == (EPISODE_STEPS + 1, 64, 64, 3) and image.dtype == np.uint8
+    assert image.shape == (64, 64, 64, 3) and image.dtype == np.uint8
     assert image.std() > 0  # rendered, not blank
     rows = read_rows(logdir)
     assert any("image_loss" in row and math.isfinite(row["image_loss"]) for row in rows)

@@ -30,7 +30,7 @@ def make(domain, **kwargs):
 
 def wrapped(domain):
     """The continual env inside the wrapper stack the agent uses (dreamer.make_env)."""
-    return wrappers.UUID(wrappers.TimeLimit(wrappers.NormalizeActions(make(domain)), 100))
+    return wrappers.TimeLimit(wrappers.NormalizeActions(make(domain)), 100)
 
 
 def run_steps(env, steps, seed=0):

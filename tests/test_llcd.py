@@ -96,6 +96,36 @@ def test_context_is_causal_windowed_and_stops_at_episode_starts():
         torch.testing.assert_close(base[1, 6], base[1, 0])
 
 
+def test_window_context_comes_from_the_stored_steps_before_it(monkeypatch):
+    """A replayed window that starts mid-episode gets the context the full sequence gives its
+    steps (the P = K + 1 steps before it carried as a prefix), not an empty one; a padded
+    prefix (``stored`` False) gives the empty context of a sequence start."""
+    torch.manual_seed(0)
+    config = llcd_config()
+    wm = models.WorldModel({"state": (OBS_DIM,)}, ACTION_DIM, config)
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)  # z = the posterior mean
+    full = random_batch(config, length=40)
+    full["is_first"][:] = False
+    full["is_first"][:, 0] = True  # one episode per row
+    data = wm.preprocess(full)
+    prefix, cut = wm.context_prefix, 20
+    assert prefix == config.llcd_context_len + 1
+    with torch.no_grad():
+        whole, _ = wm.infer_context(wm.encoder(data), data, adapt=False)  # (B, 40, Z)
+        batch = {key: value[:, cut - prefix:] for key, value in full.items()}
+        batch["prefix_stored"] = np.ones((config.batch_size, prefix), bool)
+        window, before = models.split_prefix(wm.preprocess(batch))
+        assert window["state"].shape[1] == 40 - cut and before["state"].shape[1] == prefix
+        split, _ = wm.infer_context(wm.encoder(window), window, False, before)
+        torch.testing.assert_close(split, whole[:, cut:], rtol=1e-5, atol=1e-5)
+        alone, _ = wm.infer_context(wm.encoder(window), window, adapt=False)
+        assert not torch.allclose(alone[:, 0], whole[:, cut])  # without the prefix it starts empty
+        before["stored"][:] = False
+        padded, _ = wm.infer_context(wm.encoder(window), window, False, before)
+        torch.testing.assert_close(padded[:, 0], alone[:, 0])
+        torch.testing.assert_close(padded[:, 0], whole[:, 0])  # the empty history of an episode start
+
+
 def test_gradient_reaches_the_context_encoder_only_while_the_gate_is_open():
     torch.manual_seed(0)
     config = llcd_config()

@@ -1,6 +1,5 @@
 """Tests for models.py: λ-returns, world-model and actor-critic updates, return scale."""
 
-import copy
 import math
 import os
 import sys
@@ -13,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import models  # noqa: E402
+import networks  # noqa: E402
 import tools  # noqa: E402
 
 OBS_DIM, ACTION_DIM = 5, 1
@@ -87,9 +87,9 @@ def debug_config(*extra):
     return config
 
 
-def random_batch(config, seed=0):
+def random_batch(config, seed=0, length=None):
     rng = np.random.default_rng(seed)
-    batch, length = config.batch_size, config.batch_length
+    batch, length = config.batch_size, length or config.batch_length
     is_first = np.zeros((batch, length), bool)
     is_first[:, 0] = True
     is_first[1, 7] = True  # an episode boundary inside a window
@@ -233,3 +233,89 @@ def test_return_range_converges_to_percentiles_and_scale_at_least_one():
         small = fresh.update_return_scale(torch.linspace(2.0, 2.5, 101).reshape(-1, 1))
     assert float(small) == 1.0
     assert fresh.return_range.tolist() == pytest.approx([2.025, 2.475], rel=0.1)
+
+
+# ----------------------------------------------------------------- actor objective and imagination
+
+
+def actor_grad_norm(gradient, monkeypatch, detach_log_prob=False):
+    """Actor gradient norm of one update when the λ-returns carry no gradient and the
+    entropy bonus is off, so what reaches the actor can only come through the baseline
+    v(s_t) (or, with REINFORCE, through the log-probabilities)."""
+    config, wm, behavior = make_learners(4)
+    torch.nn.init.normal_(behavior.critic.head.weight)  # zero-initialised: v would not depend on s yet
+    config.actor.entropy = 0.0
+    config.imag_gradient = gradient
+    post, _ = wm.train_step(wm.preprocess(random_batch(config, seed=4)))
+    start = {key: value.detach() for key, value in post.items()}
+    returns = models.lambda_return
+    monkeypatch.setattr(models, "lambda_return", lambda *args: returns(*args).detach())
+    if detach_log_prob:
+        log_prob = networks.BoundedNormal.log_prob
+        monkeypatch.setattr(networks.BoundedNormal, "log_prob", lambda self, x: log_prob(self, x).detach())
+    metrics = behavior.train_step(start, lambda states, feat, actions: wm.reward(feat).mode()[1:])
+    return float(metrics["actor_grad_norm"])
+
+
+def test_dynamics_backprop_reaches_the_actor_through_the_baseline(monkeypatch):
+    """-(R - v(s_t)): v(s_t) of imagined states depends on the actions that led there."""
+    assert actor_grad_norm("dynamics", monkeypatch) > 0
+
+
+def test_reinforce_keeps_the_baseline_out_of_the_gradient(monkeypatch):
+    """log pi(a|s) * sg(R - v): without the log-prob path nothing is left."""
+    assert actor_grad_norm("reinforce", monkeypatch, detach_log_prob=True) == 0
+
+
+def test_imagined_actions_reach_the_model_clipped_with_the_gradient_kept(monkeypatch):
+    config, wm, behavior = make_learners(5)
+    post, _ = wm.train_step(wm.preprocess(random_batch(config, seed=5)))
+    start = {key: value.detach() for key, value in post.items()}
+    samples, seen = [], []
+    sample, img_step = networks.BoundedNormal.sample, wm.dynamics.img_step
+
+    def record_sample(self):
+        samples.append(sample(self))
+        return samples[-1]
+
+    def record_step(state, action):
+        seen.append(action)
+        return img_step(state, action)
+
+    monkeypatch.setattr(networks.BoundedNormal, "sample", record_sample)
+    monkeypatch.setattr(wm.dynamics, "img_step", record_step)
+    states, actions, _, _ = behavior.imagine(start, config.imag_horizon)
+    drawn, model_in = torch.stack(samples), torch.stack(seen)
+    assert (drawn.abs() > 1).any()  # the actor's Gaussian does leave the bounds
+    assert model_in.abs().max() <= 1
+    torch.testing.assert_close(model_in, drawn.clamp(-1, 1))
+    torch.testing.assert_close(actions, model_in)
+    # straight through: d(model input)/d(sample) is 1 even where the sample was clipped
+    grad, = torch.autograd.grad(model_in.sum(), behavior.actor.head.weight, retain_graph=True)
+    expected, = torch.autograd.grad(drawn.sum(), behavior.actor.head.weight)
+    torch.testing.assert_close(grad, expected)
+
+
+# ----------------------------------------------------------------- paper sizes
+
+# DreamerV3 paper (arXiv 2301.04104v1), model-size table, column S.
+PAPER_SIZE_S = {"gru_units": 512, "hidden_units": 512, "mlp_layers": 2, "cnn_multiplier": 32}
+
+
+@pytest.mark.parametrize("block", ["dmc_proprio", "dmc_vision"])
+def test_paper_blocks_build_the_paper_size_s(block):
+    config = tools.load_config(["--configs", block])
+    config.device = "cpu"
+    shapes = {"image": (64, 64, 3)} if config.pixels else {"state": (24,)}  # walker
+    wm = models.WorldModel(shapes, 6, config)
+    behavior = models.ImagBehavior(config, wm, 6, discrete=False)
+    assert wm.dynamics.deter == PAPER_SIZE_S["gru_units"]
+    heads = [wm.reward, wm.cont, behavior.actor, behavior.critic]
+    if not config.pixels:
+        heads += [wm.encoder.mlp, wm.decoder.heads["state"]]
+    for mlp in heads:
+        linears = [layer for layer in mlp.body.modules() if isinstance(layer, torch.nn.Linear)]
+        assert len(linears) == PAPER_SIZE_S["mlp_layers"]
+        assert all(layer.out_features == PAPER_SIZE_S["hidden_units"] for layer in linears)
+    assert config.encoder.cnn_depth == config.decoder.cnn_depth == PAPER_SIZE_S["cnn_multiplier"]
+    assert config.dyn_hidden == PAPER_SIZE_S["hidden_units"]

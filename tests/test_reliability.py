@@ -1,4 +1,4 @@
-"""Fault injection: kill -9 and resume, corrupt episode files, read-only logdir,
+"""Fault injection: kill -9 and resume, corrupt replay chunk files, read-only logdir,
 disk full, non-finite updates, incompatible checkpoints, bad input, determinism.
 
 Runs use ``--configs debug --task dmc_cartpole_balance --train_ratio 16`` on
@@ -6,7 +6,7 @@ CPU with one thread, like tests/test_dreamer.py: action_repeat 2, prefill 100
 agent steps, episodes of 100 agent steps (101 stored transitions), eval and
 checkpoint every 200 env steps, batch 4 x 16, so one update per 4 agent steps
 after prefill. Every checkpoint falls on an episode boundary, which makes the
-step bookkeeping below exact.
+step bookkeeping below exact. Replay chunks hold 64 steps.
 """
 
 import contextlib
@@ -31,12 +31,12 @@ sys.path.insert(0, str(ROOT))
 
 import dreamer  # noqa: E402
 import tools  # noqa: E402
-from runs import Stop, read_rows, run_main  # noqa: E402
+from runs import Stop, read_rows, replay_steps, run_main  # noqa: E402
 
 BASE = ["--configs", "debug", "--task", "dmc_cartpole_balance", "--train_ratio", "16", "--device", "cpu",
         "--threads", "1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
-ACTION_REPEAT, PREFILL, EPISODE_STEPS, BATCH_STEPS, TRAIN_RATIO = 2, 100, 100, 4 * 16, 16
+ACTION_REPEAT, PREFILL, EPISODE_STEPS, BATCH_STEPS, TRAIN_RATIO, CHUNK = 2, 100, 100, 4 * 16, 16, 64
 
 
 def expected_updates(agent_step):
@@ -71,21 +71,21 @@ def exit_message(args):
     return message
 
 
-def episode_names(logdir):
+def chunk_names(logdir):
     return sorted(path.stem for path in (pathlib.Path(logdir) / "train_eps").glob("*.npz"))
 
 
 def assert_replay_matches_checkpoint(logdir, payload):
-    """Files on disk == the checkpoint's episode list == a resumed replay's memory (same order)."""
+    """Files on disk == the checkpoint's chunk list == a resumed replay's memory (same order)."""
     state, config = payload["replay"], payload["config"]
-    assert episode_names(logdir) == sorted(state["episodes"])
+    assert chunk_names(logdir) == sorted(state["chunks"])
     assert not list((pathlib.Path(logdir) / "train_eps" / ".evicted").glob("*"))
     replay = tools.Replay(pathlib.Path(logdir) / "train_eps", config["dataset_size"], config["seed"],
-                          config["replay"])
+                          config["replay"], config["replay_chunk"])
     replay.load_state_dict(state)
-    assert list(replay.episodes) == state["episodes"]
-    ids = [name.rsplit("-", 1)[0] for name in state["episodes"]]
-    assert len(ids) == len(set(ids))
+    assert list(replay.chunks) == state["chunks"]
+    positions = [tools.chunk_position(name) for name in state["chunks"]]
+    assert len(positions) == len(set(positions))
 
 
 def assert_metrics_logged_once(logdir):
@@ -151,10 +151,10 @@ def run_with_kills(argv, logdir, targets, rng):
 @pytest.mark.parametrize("replay, dataset_size", [("fifo", 100_000), ("fifo", 101), ("reservoir", 101)])
 def test_kill_9_at_random_moments_then_resume_loses_and_duplicates_nothing(replay, dataset_size, tmp_path):
     """Checkpoints at env steps 200 (after prefill), 1000 and 1200, so most kills land with
-    episodes stored and files evicted after the last checkpoint.
-    fifo with room for everything: every completed step is stored exactly once.
-    fifo holding one episode: every episode end evicts the checkpointed file, which must come back.
-    reservoir holding one episode: its counter and buffer continue from the checkpoint."""
+    chunks stored and files evicted after the last checkpoint.
+    fifo with room for everything: every step is stored exactly once, in order.
+    fifo holding one chunk: every full chunk evicts the checkpointed file, which must come back.
+    reservoir holding one chunk: its counter and buffer continue from the checkpoint."""
     steps = 1200  # 600 agent steps: prefill episode + 5 episodes, 125 updates
     logdir = tmp_path / "run"
     argv = command("--steps", str(steps), "--logdir", str(logdir), "--replay", replay,
@@ -164,19 +164,24 @@ def test_kill_9_at_random_moments_then_resume_loses_and_duplicates_nothing(repla
     hits, outputs = run_with_kills(argv, logdir, targets, rng)
     assert hits >= 2, f"only {hits} kills hit a running process"
     assert all("Resumed" in output for output in outputs[1:])  # every kill came after the prefill checkpoint
-    assert not any("unreadable episode" in output for output in outputs)  # no checkpointed episode lost
+    assert not any("unreadable replay chunk" in output for output in outputs)  # no checkpointed chunk lost
 
     payload = tools.load_checkpoint(logdir / "latest.pt", "cpu")
     agent_step = steps // ACTION_REPEAT
     assert payload["agent_step"] == agent_step
     assert payload["updates"] == expected_updates(agent_step)
-    assert payload["replay"]["seen"] == agent_step // EPISODE_STEPS  # every episode offered once
+    episodes = agent_step // EPISODE_STEPS
+    transitions = agent_step + episodes  # each episode stores its reset too
+    assert payload["replay"]["seen"] == transitions // CHUNK  # every full chunk offered once
     assert_replay_matches_checkpoint(logdir, payload)
-    lengths = [int(name.rsplit("-", 1)[1]) for name in payload["replay"]["episodes"]]
     if dataset_size > steps:
-        assert sum(length - 1 for length in lengths) == agent_step  # L agent steps store L + 1 transitions
+        stored = replay_steps(logdir)
+        assert len(stored["reward"]) == transitions
+        length = EPISODE_STEPS + 1
+        assert np.flatnonzero(stored["is_first"]).tolist() == [i * length for i in range(episodes)]
+        assert np.flatnonzero(stored["is_last"]).tolist() == [(i + 1) * length - 1 for i in range(episodes)]
     else:
-        assert lengths == [EPISODE_STEPS + 1]
+        assert len(payload["replay"]["chunks"]) == 1
     rows = assert_metrics_logged_once(logdir)
     assert [row["step"] for row in rows if "eval_return" in row] == [200, 1000, 1200]
     assert not list(logdir.glob(".*.tmp")) and not list((logdir / "train_eps").glob(".*.tmp"))
@@ -185,15 +190,22 @@ def test_kill_9_at_random_moments_then_resume_loses_and_duplicates_nothing(repla
 def make_episode(replay, index, length=5):
     for t in range(length):
         replay.add_step(0, {"reward": np.float32(t), "ep": np.int64(index)})
-    replay.finish(0, f"ep{index:03d}")
+
+
+def contents(replay):
+    """What the buffer holds, in its order: stored chunks then the open ones (names hold
+    timestamps and differ between two buffers fed the same steps)."""
+    chunks = [(chunk["ep"].tolist(), chunk["reward"].tolist()) for chunk in replay.chunks.values()]
+    return chunks, {index: [int(ep) for ep in steps["ep"]] for index, steps in replay.open.items()}
 
 
 def test_replay_resume_restores_the_checkpointed_buffer_exactly(tmp_path):
-    """Kill after a checkpoint: new files are deleted, evicted ones come back, the memory order
-    and the RNG are the checkpoint's, so the reservoir continues as if never interrupted."""
+    """Kill after a checkpoint: new files are deleted, evicted ones come back, the memory order,
+    the chunk being filled and the RNG are the checkpoint's, so the reservoir continues as if
+    never interrupted: nothing lost, nothing stored twice."""
     directory = tmp_path / "eps"
-    live = tools.Replay(directory, 20, 0, "reservoir")  # holds 4 episodes of 5 steps
-    reference = tools.Replay(tmp_path / "reference", 20, 0, "reservoir")
+    live = tools.Replay(directory, 16, 0, "reservoir", chunk=4)  # holds 4 chunks; 5-step episodes
+    reference = tools.Replay(tmp_path / "reference", 16, 0, "reservoir", chunk=4)
     for index in range(10):
         make_episode(live, index)
         make_episode(reference, index)
@@ -201,24 +213,25 @@ def test_replay_resume_restores_the_checkpointed_buffer_exactly(tmp_path):
     live.purge_evicted()
     for index in range(10, 16):  # collected after the checkpoint, then kill -9
         make_episode(live, index)
-    (directory / ".ep099-5.npz.tmp").write_bytes(b"cut short")
+    (directory / ".chunk-cut-short.npz.tmp").write_bytes(b"cut short")
     evicted = {path.stem for path in (directory / ".evicted").glob("*.npz")}
-    assert evicted & set(state["episodes"])  # the test needs a checkpointed file that was evicted since
+    assert evicted & set(state["chunks"])  # the test needs a checkpointed file that was evicted since
+    assert state["open"]  # and a chunk being filled at the checkpoint
 
-    resumed = tools.Replay(directory, 20, 0, "reservoir")
+    resumed = tools.Replay(directory, 16, 0, "reservoir", chunk=4)
     resumed.load_state_dict(state)
-    assert list(resumed.episodes) == state["episodes"]
-    assert sorted(path.stem for path in directory.glob("*.npz")) == sorted(state["episodes"])
+    assert list(resumed.chunks) == state["chunks"]
+    assert sorted(path.stem for path in directory.glob("*.npz")) == sorted(state["chunks"])
     assert not list(directory.glob(".*.tmp")) and not (directory / ".evicted").exists()
     for index in range(10, 30):
         make_episode(resumed, index)
         make_episode(reference, index)
-    assert list(resumed.episodes) == list(reference.episodes)
-    assert resumed.seen == reference.seen == 30
+    assert contents(resumed) == contents(reference)
+    assert resumed.seen == reference.seen == 30 * 5 // 4
 
 
 def test_restart_without_checkpoint_starts_clean_and_prefill_is_checkpointed(tmp_path, monkeypatch):
-    """A kill during prefill leaves episode files but no checkpoint: the restart deletes them
+    """A kill during prefill leaves chunk files but no checkpoint: the restart deletes them
     with a note; a checkpoint is written right after prefill."""
     logdir = tmp_path / "run"
     stale = logdir / "train_eps" / "20000101T000000000000-stale-101.npz"
@@ -232,26 +245,27 @@ def test_restart_without_checkpoint_starts_clean_and_prefill_is_checkpointed(tmp
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(Stop):
         dreamer.main([*BASE, "--logdir", str(logdir)])
-    assert "No checkpoint: deleted 1 episode files" in out.getvalue()
+    assert "No checkpoint: deleted 1 replay chunk files" in out.getvalue()
     assert not stale.exists()
     payload = tools.load_checkpoint(logdir / "latest.pt", "cpu")
     assert payload["agent_step"] == PREFILL and payload["updates"] == 0
-    assert len(payload["replay"]["episodes"]) == 1
+    assert len(payload["replay"]["chunks"]) == 1  # 101 transitions: one full chunk, 37 steps open
+    assert len(payload["replay"]["open"][0]["reward"]) == PREFILL + 1 - CHUNK
     assert_replay_matches_checkpoint(logdir, payload)
 
 
 # ----------------------------------------------------------------- damaged files
 
 
-def test_corrupt_episode_file_is_skipped_with_a_warning(finished_run, tmp_path):
+def test_corrupt_chunk_file_is_skipped_with_a_warning(finished_run, tmp_path):
     logdir = copy_run(finished_run, tmp_path)
-    victim = episode_names(logdir)[0]
+    victim = chunk_names(logdir)[0]
     (logdir / "train_eps" / f"{victim}.npz").write_bytes(b"\x00garbage, not a zip file")
     with pytest.warns(UserWarning, match=victim):
         run_main([*BASE, "--steps", "600", "--logdir", str(logdir)])
     payload = tools.load_checkpoint(logdir / "latest.pt", "cpu")
     assert payload["agent_step"] == 600 // ACTION_REPEAT
-    assert victim not in payload["replay"]["episodes"]
+    assert victim not in payload["replay"]["chunks"]
     assert (logdir / "train_eps" / f"{victim}.npz.corrupt").exists()
     assert_replay_matches_checkpoint(logdir, payload)
 
@@ -343,8 +357,8 @@ def nan_batches(monkeypatch, bad):
     """Replay.sample returns NaN observations for the updates whose index ``bad(index)`` holds."""
     original, calls = tools.Replay.sample, []
 
-    def sample(self, batch, length):
-        data = original(self, batch, length)
+    def sample(self, batch, length, prefix=0):
+        data = original(self, batch, length, prefix)
         if bad(len(calls)):
             data["state"] = np.full_like(data["state"], np.nan)
         calls.append(1)
@@ -387,13 +401,13 @@ def test_repeated_nonfinite_updates_stop_the_run_with_a_valid_checkpoint(tmp_pat
 
 def test_incompatible_checkpoint_is_a_one_line_error(finished_run, tmp_path):
     logdir = copy_run(finished_run, tmp_path)
-    before = episode_names(logdir)
+    before = chunk_names(logdir)
     result = run_command(command("--steps", "600", "--logdir", str(logdir), "--units", "64", "--dyn_deter", "48"))
     line = assert_one_line_error(result, "saved with another config", "units 32 (saved) vs 64 (given)",
                                  "dyn_deter 32 (saved) vs 48 (given)", "--logdir")
     assert "latest.pt" in line
     assert tools.read_yaml(logdir / "config.yaml")["units"] == 32  # nothing in the logdir changed
-    assert episode_names(logdir) == before
+    assert chunk_names(logdir) == before
 
 
 def test_checkpoint_that_does_not_fit_the_agent_is_a_clear_error(finished_run, tmp_path):
@@ -421,7 +435,7 @@ BAD_INPUT = [
     (["--batch_size", "2.5"], "'batch_size' must be int"),
     (["--steps", "-5"], "'steps' must be > 0"),
     (["--train_ratio", "0"], "'train_ratio' must be > 0"),
-    (["--batch_length", "200"], "exceeds the episode length"),
+    (["--batch_length", "200"], "'replay_chunk' (64) must be >= 'batch_length' (200)"),
     (["--task", "dmc_cartpol_balance"], "did you mean 'dmc_cartpole_balance'"),
     (["--crl_tasks", "[0, 9]", "--crl_steps_per_task", "100"], "crl_tasks [9] are not defined"),
     (["--crl_tasks", "[0]", "--crl_steps_per_task", "100", "--task", "dmc_cheetah_run"], "no continual-physics env"),

@@ -119,7 +119,8 @@ def test_ill_typed_values_are_errors(argv, key):
 @pytest.mark.parametrize("argv, key", [
     (["--steps", "-1"], "steps"),
     (["--batch_size", "0"], "batch_size"),
-    (["--batch_length", "1000"], "batch_length"),  # 1000 * action_repeat 2 > time_limit 1000
+    (["--batch_length", "100"], "replay_chunk"),  # a window spans at most two 64-step chunks
+    (["--llcd", "True", "--llcd_context_len", "64"], "llcd_context_len"),  # its context comes from one chunk
     (["--envs", "0"], "envs"),
 ])
 def test_impossible_values_are_errors(argv, key):
@@ -128,9 +129,10 @@ def test_impossible_values_are_errors(argv, key):
     assert key in str(info.value)
 
 
-def test_batch_length_that_fits_the_episode_is_accepted():
-    # time_limit 1000 env steps / action_repeat 2 = 500 agent steps per episode
-    assert tools.load_config(["--batch_length", "500"]).batch_length == 500
+def test_windows_longer_than_an_episode_are_accepted():
+    """Windows cross episode boundaries: 600 steps > the 500-step episodes of time_limit 1000."""
+    config = tools.load_config(["--batch_length", "600", "--replay_chunk", "600"])
+    assert config.batch_length == 600 and config.replay_chunk == 600
 
 
 def test_default_logdir_names_task_blocks_llcd_and_seed():
@@ -149,102 +151,6 @@ def test_cli_error_is_one_line_without_traceback():
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error:")
     assert "batch_size" in lines[0]
-
-
-# ----------------------------------------------------------------- replay
-
-
-def store_episode(replay, episode_id, length, env_index=0):
-    """Store a synthetic episode of ``length`` transitions whose 'ep' key is its number."""
-    number = int(episode_id[2:])
-    for t in range(length):
-        replay.add_step(env_index, {
-            "state": np.full(3, number * 1000 + t, np.float32),
-            "ep": np.int64(number), "t": np.int64(t),
-            "action": np.zeros(2, np.float32), "reward": np.float32(t),
-            "is_first": t == 0, "discount": np.float32(1.0),
-        })
-    return replay.finish(env_index, episode_id)
-
-
-def files_on_disk(directory):
-    return sorted(path.stem for path in pathlib.Path(directory).glob("*.npz"))
-
-
-def test_replay_sample_shapes_and_windows_stay_inside_episodes(tmp_path):
-    replay = tools.Replay(tmp_path / "eps", capacity=10_000, seed=1)
-    lengths = {"ep000": 12, "ep001": 7, "ep002": 30, "ep003": 3}
-    for name, length in lengths.items():
-        store_episode(replay, name, length)
-    batch = replay.sample(64, 6)
-    assert set(batch) == {"state", "ep", "t", "action", "reward", "is_first", "discount"}
-    for key, value in batch.items():
-        assert value.shape[:2] == (64, 6), key
-    assert batch["state"].shape == (64, 6, 3) and batch["action"].shape == (64, 6, 2)
-    # one episode per window, consecutive steps
-    assert np.all(batch["ep"] == batch["ep"][:, :1])
-    assert np.all(np.diff(batch["t"], axis=1) == 1)
-    assert np.all(batch["state"][..., 0] == batch["ep"] * 1000 + batch["t"])
-    # the 3-step episode cannot hold a 6-step window
-    assert 3 not in set(batch["ep"].flatten().tolist())
-    assert np.all(batch["is_first"] == (batch["t"] == 0))
-    # windows are spread over episodes in proportion to their number of windows (7, 2, 25)
-    big = tools.Replay(None, capacity=10_000, seed=2)
-    for name, length in lengths.items():
-        store_episode(big, name, length)
-    picks = big.sample(6800, 6)["ep"][:, 0]
-    shares = np.array([(picks == e).mean() for e in (0, 1, 2)])
-    assert shares == pytest.approx(np.array([7, 2, 25]) / 34, abs=0.03)
-
-
-def test_replay_fifo_eviction_keeps_capacity_and_mirrors_disk(tmp_path):
-    directory = tmp_path / "eps"
-    replay = tools.Replay(directory, capacity=25, seed=0)
-    for index in range(6):
-        store_episode(replay, f"ep{index:03d}", 10)
-        assert replay.num_steps <= 25
-        assert replay.num_steps == sum(len(ep["reward"]) for ep in replay.episodes.values())
-        assert files_on_disk(directory) == sorted(replay.episodes)
-    # only the newest episodes remain: 2 x 10 steps
-    assert sorted(replay.episodes) == ["ep004-10", "ep005-10"]
-    assert replay.num_steps == 20 and replay.num_episodes == 2
-
-
-def test_replay_load_after_restart_restores_episodes(tmp_path):
-    directory = tmp_path / "eps"
-    first = tools.Replay(directory, capacity=1000)
-    for index, length in enumerate([5, 9, 4]):
-        store_episode(first, f"ep{index:03d}", length)
-    second = tools.Replay(directory, capacity=1000).load()
-    assert list(second.episodes) == list(first.episodes)
-    assert second.num_steps == first.num_steps == 18
-    for name, episode in first.episodes.items():
-        assert set(second.episodes[name]) == set(episode)
-        for key, value in episode.items():
-            np.testing.assert_array_equal(second.episodes[name][key], value)
-    # a smaller capacity on restart evicts the oldest first, on disk too
-    third = tools.Replay(directory, capacity=13).load()
-    assert list(third.episodes) == ["ep001-9", "ep002-4"]
-    assert files_on_disk(directory) == ["ep001-9", "ep002-4"]
-
-
-def test_replay_load_skips_corrupt_file_with_warning(tmp_path):
-    directory = tmp_path / "eps"
-    first = tools.Replay(directory, capacity=1000)
-    store_episode(first, "ep000", 5)
-    store_episode(first, "ep002", 6)
-    (directory / "ep001-7.npz").write_bytes(b"this is not a zip file")
-    with pytest.warns(UserWarning, match="ep001-7"):
-        second = tools.Replay(directory, capacity=1000).load()
-    assert list(second.episodes) == ["ep000-5", "ep002-6"]
-    assert second.num_steps == 11
-
-
-def test_replay_sample_without_long_enough_episode_is_a_clear_error(tmp_path):
-    replay = tools.Replay(None, capacity=100)
-    store_episode(replay, "ep000", 3)
-    with pytest.raises(RuntimeError, match="batch_length|steps"):
-        replay.sample(2, 10)
 
 
 # ----------------------------------------------------------------- driver
@@ -275,10 +181,17 @@ class CountingEnv:
         return self.obs(False, done), float(self.t), done, {"discount": discount}
 
 
+def stream_of(replay, env_index):
+    """Every stored step of env ``env_index``'s stream, in order: {key: (L, ...)}."""
+    chunks = [chunk for name, chunk in replay.chunks.items()
+              if tools.chunk_position(name)[0] == replay.streams[env_index][0]]
+    return {key: np.concatenate([chunk[key] for chunk in chunks]) for key in chunks[0]}
+
+
 def test_driver_two_envs_episodes_transitions_and_returns(tmp_path):
     envs = [wrappers.InProcess(CountingEnv("a", 3, terminal=True)), wrappers.InProcess(CountingEnv("b", 5))]
-    replay = tools.Replay(tmp_path / "eps", capacity=1000)
-    driver = tools.Driver(envs, replay)
+    replay = tools.Replay(tmp_path / "eps", capacity=1000, chunk=4)
+    driver = tools.Driver(envs, replay, keep_episodes=True)
     calls, finished = [], []
 
     def policy(obs, state):
@@ -293,33 +206,43 @@ def test_driver_two_envs_episodes_transitions_and_returns(tmp_path):
     assert driver.state == 9
     assert len(finished) == 4
     assert sorted(f[:2] for f in finished) == sorted([(6.0, 3), (6.0, 3), (6.0, 3), (15.0, 5)])
-    assert replay.num_episodes == 4
-    assert sorted(replay.episodes) == ["a-001-4", "a-002-4", "a-003-4", "b-001-6"]
-    episode = replay.episodes["b-001-6"]
+    episode = next(ep for _, length, ep in finished if length == 5)
     assert episode["is_first"].tolist() == [True] + [False] * 5
     np.testing.assert_array_equal(episode["action"][0], np.zeros(2, np.float32))
     np.testing.assert_allclose(episode["action"][1:], np.full((5, 2), -0.5))
     np.testing.assert_allclose(episode["reward"], [0, 1, 2, 3, 4, 5])
-    assert episode["reward"].sum() == pytest.approx(15.0)
     np.testing.assert_allclose(episode["state"][:, 0], np.arange(6))
     assert episode["is_last"].tolist() == [False] * 5 + [True]
-    a_episode = replay.episodes["a-001-4"]
+    a_episode = next(ep for _, length, ep in finished if length == 3)
     assert a_episode["discount"].tolist() == [1.0, 1.0, 1.0, 0.0]
     assert a_episode["is_terminal"].tolist() == [False, False, False, True]
-    # the stored return (sum of rewards) equals the reported return
     for ret, length, stored in finished:
         assert stored["reward"].sum() == pytest.approx(ret)
         assert len(stored["reward"]) == length + 1
+    # the replay got the same steps as they arrived: a's 12 steps (3 episodes) fill 3 chunks,
+    # b's first 8 (its first episode and 2 steps of the second) fill 2, across the boundary
+    a_steps, b_steps = stream_of(replay, 0), stream_of(replay, 1)
+    assert a_steps["reward"].tolist() == [0, 1, 2, 3] * 3
+    assert a_steps["is_first"].tolist() == [True, False, False, False] * 3
+    assert b_steps["reward"].tolist() == [0, 1, 2, 3, 4, 5, 0, 1]
+    assert b_steps["is_first"].tolist() == [True] + [False] * 5 + [True, False]
+    assert len(replay.open[1]["reward"]) == 3  # the rest of b's 2nd episode waits in its open chunk
+    assert files_on_disk(tmp_path / "eps") == sorted(replay.chunks)
     # the policy saw is_first exactly on the first step of each episode
     assert calls[0].tolist() == [True, True]
     assert calls[3].tolist() == [True, False] and calls[5].tolist() == [False, True]
     # the driver keeps unfinished episodes across calls: b's 2nd episode (4 steps so far)
     # ends in the next call with all its transitions, a's 4th episode starts
-    driver.run(policy, steps=2)
-    assert "b-002-6" in replay.episodes
-    np.testing.assert_allclose(replay.episodes["b-002-6"]["reward"], [0, 1, 2, 3, 4, 5])
-    assert replay.episodes["b-002-6"]["is_first"].tolist() == [True] + [False] * 5
-    assert envs[0].env.episodes == 4 and len(replay.ongoing[0]["reward"]) == 2
+    finished.clear()
+    driver.run(policy, steps=2, on_episode=lambda ret, length, ep: finished.append((ret, length, ep)))
+    (_, _, episode), = finished
+    np.testing.assert_allclose(episode["reward"], [0, 1, 2, 3, 4, 5])
+    assert episode["is_first"].tolist() == [True] + [False] * 5
+    assert envs[0].env.episodes == 4
+
+
+def files_on_disk(directory):
+    return sorted(path.stem for path in pathlib.Path(directory).glob("*.npz"))
 
 
 def test_driver_steps_count_all_envs():
