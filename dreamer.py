@@ -382,7 +382,7 @@ class Run:
               f"{self.replay.num_chunks} replay chunks on disk).", flush=True)
 
     def save(self):
-        """Write latest.pt atomically, then drop the episode files evicted since the last one.
+        """Write latest.pt atomically, then drop the replay chunk files evicted since the last one.
         A failed write stops the run with one line; the previous latest.pt stays valid."""
         try:
             tools.save_checkpoint(self.checkpoint_path, self.checkpoint_payload())
