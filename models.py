@@ -114,10 +114,13 @@ class WorldModel(nn.Module):
             losses, post, prior, kl, context_kl = self.compute_losses(data, adapt, before)
             means = {key: value.mean() for key, value in losses.items()}
             model_loss = sum(self.loss_scales[key] * value for key, value in means.items())
-        metrics = self.optimizer.step(model_loss, retain_graph=adapt)
-        if adapt:
+        self.optimizer.backward(model_loss, retain_graph=adapt)
+        if adapt:  # both gradients come from this graph, before either optimiser changes a weight
             adapt_loss = cfg.llcd_scale * (model_loss + cfg.llcd_beta * context_kl.mean())
-            metrics.update(self.context_opt.step(adapt_loss))
+            self.context_opt.backward(adapt_loss)
+        metrics = self.optimizer.apply(model_loss)
+        if adapt:
+            metrics.update(self.context_opt.apply(adapt_loss))
         if context_kl is not None:
             metrics["context_kl"] = context_kl.mean().detach()
             metrics["context_z_std"] = post["context"].std(dim=(0, 1)).mean().detach()

@@ -895,10 +895,20 @@ class Optimizer:
         self.scaler = torch.amp.GradScaler(enabled=precision == 16)
 
     def step(self, loss, retain_graph=False):
-        """A non-finite loss or gradient norm skips the update (parameters and Adam state stay
-        as they were; fp16 still lowers its loss scale) and sets ``<name>_nonfinite`` to 1."""
+        """``backward`` then ``apply``: one update of this optimiser's parameters on ``loss``."""
+        self.backward(loss, retain_graph)
+        return self.apply(loss)
+
+    def backward(self, loss, retain_graph=False):
+        """This optimiser's gradients of ``loss``. Call it for every optimiser whose loss shares
+        a graph before any of them applies: an update changes weights that graph saved."""
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward(inputs=self.params, retain_graph=retain_graph)
+
+    def apply(self, loss):
+        """Clip and apply the gradients of ``backward``. A non-finite loss or gradient norm skips
+        the update (parameters and Adam state stay as they were; fp16 still lowers its loss
+        scale) and sets ``<name>_nonfinite`` to 1."""
         self.scaler.unscale_(self.opt)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(norm))
