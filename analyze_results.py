@@ -56,12 +56,15 @@ Definitions (p_i(t) = eval return on task i at eval point t)
   first eval point of that window reaching 90 % of the window's best return
   (best - 0.1*|best| when the best is negative).
 * final model loss: mean of the last 10 ``model_loss`` values.
-* LLCD. A *switch* is a window start j >= 1 whose task differs from the
-  previous window's. Its delay is the env steps from the switch to the first
-  detection in [switch, end of that window); none = a miss. Every other
-  detection (before the first switch, a second detection in a window, after
-  the schedule) is a false alarm; the rate is per 100K agent steps of the
-  run (last logged env step / action_repeat). Probe accuracy = last value.
+* LLCD, strict and in agent steps. A *switch* is a window start j >= 1 whose
+  task differs from the previous window's. It is detected only by a
+  detection within ``llcd_max_delay`` agent steps after it (0 in the config:
+  one episode), its delay that of the first such detection; past that
+  deadline without one it is a miss. Every other detection is a false alarm;
+  the rate is per 100K agent steps of the run (last logged env step /
+  action_repeat). Hit rate = hits / (hits + misses), next to its chance
+  level (``detector.chance_hit_rate``: the same detections against shifted,
+  fake switch times). Probe accuracy = last value.
 * Across seeds: mean and sample standard deviation (ddof=1), NaNs (metric
   undefined for a seed) dropped; with fewer than two values the std is
   "n/a" in tables and no band is drawn in plots.
@@ -93,7 +96,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from detector import detection_report
+from detector import detection_report, resolve_max_delay
 
 PROG = "analyze_results"
 RETURN_SCALE = 1000.0  # DMC returns lie in [0, 1000]
@@ -488,17 +491,17 @@ def compute_final_model_loss(values, tail: int = LOSS_TAIL) -> float:
     return float(values[-tail:].mean()) if len(values) else math.nan
 
 
-def compute_llcd(detections, switches: list, agent_steps: float) -> dict:
-    """Detection delay per switch, misses and false alarms per 100K agent steps.
+def compute_llcd(detections, switches: list, agent_steps: float, max_delay: float) -> dict:
+    """Strict detection scores (SPEC §6.6), everything in agent steps.
 
-    ``detections``: env steps of detections; ``switches``: Windows whose start
-    is a scheduled switch. Returns {"delays": {window index: delay or NaN},
-    "misses", "false_alarms", "false_alarms_per_100k"}.
+    ``detections``: agent steps of detections; ``switches``: (window index, start, end) of
+    the windows whose start is a scheduled switch. Returns detector.detection_report's dict
+    with "delays" keyed by window index.
     """
-    report = detection_report(detections, [(w.start, w.end) for w in switches], agent_steps, FALSE_ALARM_UNIT)
-    return {"delays": OrderedDict((w.index, d) for w, d in zip(switches, report["delays"])),
-            "misses": report["misses"], "false_alarms": report["false_alarms"],
-            "false_alarms_per_100k": report["false_alarms_per_unit"]}
+    report = detection_report(detections, [(start, end) for _, start, end in switches], agent_steps, max_delay,
+                              FALSE_ALARM_UNIT)
+    report["delays"] = OrderedDict((index, d) for (index, _, _), d in zip(switches, report["delays"]))
+    return report
 
 
 def run_uses_llcd(run: Run) -> bool:
@@ -572,19 +575,24 @@ def _forward_transfer_metrics(run, refs, tasks, curves, firsts) -> OrderedDict:
 
 
 def _llcd_metrics(run: Run) -> OrderedDict:
-    """LLCD delay per switch, mean delay, misses, false alarms, probe accuracy."""
+    """Strict LLCD scores in agent steps: delay per switch and median, hit rate and its chance
+    level, misses, false alarms per 100K agent steps, probe accuracy."""
     sched = run.schedule
+    repeat = sched.action_repeat
     det_steps, det_values = run.series(LLCD_DETECTION_KEY)
-    detections = det_steps[det_values > 0]
-    agent_steps = run.last_step / sched.action_repeat
-    stats = compute_llcd(detections, sched.switches(), agent_steps)
+    detections = det_steps[det_values > 0] / repeat
+    switches = [(w.index, w.start / repeat, w.end / repeat) for w in sched.switches()]
+    max_delay = resolve_max_delay(run.config.get("llcd_max_delay", 0), run.config.get("time_limit", 1000), repeat)
+    stats = compute_llcd(detections, switches, run.last_step / repeat, max_delay)
     out = OrderedDict()
     task_of = {w.index: w.task for w in sched.windows()}
     for j, delay in stats["delays"].items():
-        out[f"llcd_delay_steps/switch{j}_task{task_of[j]}"] = delay
-    out["llcd_delay_steps/mean"] = _nanmean(list(stats["delays"].values()))
+        out[f"llcd_delay_agent_steps/switch{j}_task{task_of[j]}"] = delay
+    out["llcd_delay_agent_steps/median"] = stats["median_delay"]
+    out["llcd_hit_rate"] = stats["hit_rate"]
+    out["llcd_chance_hit_rate"] = stats["chance_hit_rate"]
     out["llcd_misses"] = float(stats["misses"])
-    out["llcd_false_alarms_per_100k"] = stats["false_alarms_per_100k"]
+    out["llcd_false_alarms_per_100k"] = stats["false_alarms_per_unit"]
     probe = run.series(LLCD_PROBE_KEY)[1]
     out["llcd_probe_accuracy/final"] = float(probe[-1]) if len(probe) else math.nan
     return out

@@ -47,7 +47,7 @@ import math
 
 import numpy as np
 
-__all__ = ["ChangeDetector", "AdaptationGate", "detection_report"]
+__all__ = ["ChangeDetector", "AdaptationGate", "detection_report", "chance_hit_rate", "resolve_max_delay"]
 
 
 class ChangeDetector:
@@ -313,25 +313,62 @@ class AdaptationGate:
         self.remaining = int(state["remaining"])
 
 
-def detection_report(detections, switches, steps, unit=100_000):
-    """Score declared changes against the scheduled switches.
+def detection_report(detections, switches, steps, max_delay, unit=100_000):
+    """Strict scoring of declared changes against the scheduled switches (SPEC §6.6).
 
-    ``detections``: steps at which changes were declared; ``switches``: (start, end)
-    of every schedule window that begins with a task switch; ``steps``: length of the
-    run in the same units as the false-alarm ``unit``. A switch's delay is the gap
-    from its start to the first detection in [start, end); none is a miss (NaN delay).
-    Every other detection is a false alarm. Returns {"delays": [...], "misses",
-    "false_alarms", "false_alarms_per_unit"}.
+    ``detections``, ``switches`` (start, end) of every window that begins with a task switch,
+    ``steps`` (how far the run got) and ``max_delay`` are in agent steps. A switch is detected
+    only by a detection in [start, start + max_delay] (and before ``end``); its delay is that
+    of the first one. Every other detection is a false alarm. A switch whose deadline lies
+    beyond ``steps`` without a detection is pending: neither a hit nor a miss.
+    ``chance_hit_rate`` is the hit rate the same detections get against fake switches: every
+    real switch shifted by multiples of ``max_delay``, kept where its interval lies inside
+    [0, steps] and overlaps no real one, i.e. what a detector blind to the switches scores.
+    Returns {"delays" (NaN: missed or pending), "hits", "misses", "hit_rate",
+    "median_delay", "false_alarms", "false_alarms_per_unit", "chance_hit_rate"}.
     """
     found = np.sort(np.asarray(detections, dtype=float))
-    delays, matched = [], 0
+    delays, used = [], set()
     for start, end in switches:
-        inside = found[(found >= start) & (found < end)]
-        delays.append(float(inside[0] - start) if len(inside) else math.nan)
-        matched += bool(len(inside))
-    false_alarms = len(found) - matched
-    return {"delays": delays, "misses": sum(math.isnan(d) for d in delays), "false_alarms": false_alarms,
-            "false_alarms_per_unit": false_alarms / steps * unit if steps > 0 else math.nan}
+        inside = np.flatnonzero((found >= start) & (found <= start + max_delay) & (found < end))
+        delays.append(float(found[inside[0]] - start) if len(inside) else math.nan)
+        used.update(inside[:1].tolist())
+    hits = sum(math.isfinite(d) for d in delays)
+    misses = sum(math.isnan(d) and min(start + max_delay, end) <= steps for d, (start, end) in zip(delays, switches))
+    false_alarms = len(found) - len(used)
+    finite = [d for d in delays if math.isfinite(d)]
+    return {"delays": delays, "hits": hits, "misses": misses,
+            "hit_rate": hits / (hits + misses) if hits + misses else math.nan,
+            "median_delay": float(np.median(finite)) if finite else math.nan,
+            "false_alarms": false_alarms,
+            "false_alarms_per_unit": false_alarms / steps * unit if steps > 0 else math.nan,
+            "chance_hit_rate": chance_hit_rate(found, [start for start, _ in switches], steps, max_delay)}
+
+
+def chance_hit_rate(detections, starts, steps, max_delay):
+    """Fraction of fake switch times t (real starts shifted by k * max_delay, |k| >= 2, with
+    [t, t + max_delay] inside [0, steps] and clear of every real [start, start + max_delay])
+    that have a detection in [t, t + max_delay]. NaN if there is no such time."""
+    if max_delay <= 0 or not len(starts):
+        return math.nan
+    starts = np.asarray(starts, dtype=float)
+    k = np.arange(2, steps // max_delay + 2)
+    shifts = max_delay * np.concatenate([k, -k])
+    fake = np.unique((starts[:, None] + shifts[None]).ravel())  # (F,)
+    fake = fake[(fake >= 0) & (fake + max_delay <= steps)]
+    fake = fake[np.all(np.abs(fake[:, None] - starts[None]) > max_delay, axis=1)]
+    if not len(fake):
+        return math.nan
+    if not len(detections):
+        return 0.0
+    index = np.searchsorted(detections, fake, side="left")  # first detection at or after t
+    hit = (index < len(detections)) & (detections[np.minimum(index, len(detections) - 1)] <= fake + max_delay)
+    return float(hit.mean())
+
+
+def resolve_max_delay(max_delay, time_limit, action_repeat):
+    """``llcd_max_delay`` in agent steps; 0 stands for one episode."""
+    return max_delay or time_limit // action_repeat
 
 
 def _check_int(name, value, minimum):

@@ -231,6 +231,7 @@ class ChangeMonitor:
             config.llcd_history_window, config.llcd_sigma, config.llcd_patience, config.llcd_burn_in,
             config.llcd_std_floor, config.llcd_cooldown)
         self.gate = detector.AdaptationGate(config.llcd_gate, config.llcd_adapt_updates)
+        self.max_delay = detector.resolve_max_delay(config.llcd_max_delay, config.time_limit, config.action_repeat)
         self.recent = collections.deque(maxlen=config.llcd_smoothing)
         self.detections = []  # agent steps
         self.scores = []  # since the last log
@@ -260,16 +261,19 @@ class ChangeMonitor:
         return out
 
     def switch_scalars(self, schedule, agent_step):
-        """Delay (agent steps) per scheduled switch so far, misses among finished windows,
-        false alarms per 100K agent steps."""
+        """Strict detection scores so far (SPEC §6.6): delay (agent steps) per switch detected
+        within ``llcd_max_delay``, misses among switches past that deadline, hit rate and its
+        chance level, false alarms per 100K agent steps."""
         switches = [(j, start, end) for j, start, end in schedule.switches() if start <= agent_step]
-        report = detector.detection_report(self.detections, [(start, end) for _, start, end in switches], agent_step)
-        out = {"llcd_false_alarms_per_100k": report["false_alarms_per_unit"], "llcd_misses": 0.0}
-        for (j, _, end), delay in zip(switches, report["delays"]):
+        report = detector.detection_report(self.detections, [(start, end) for _, start, end in switches],
+                                           agent_step, self.max_delay)
+        out = {"llcd_false_alarms_per_100k": report["false_alarms_per_unit"], "llcd_misses": float(report["misses"])}
+        for key in ("hit_rate", "chance_hit_rate"):
+            if math.isfinite(report[key]):
+                out[f"llcd_{key}"] = report[key]
+        for (j, _, _), delay in zip(switches, report["delays"]):
             if math.isfinite(delay):
                 out[f"llcd_delay_window_{j}"] = delay
-            elif end <= agent_step:
-                out["llcd_misses"] += 1
         return out
 
     def state_dict(self):

@@ -207,7 +207,7 @@ def validate(config):
         if config[key] <= 0:
             raise ConfigError(f"'{key}' must be > 0, got {config[key]}")
     for key in ("prefill", "eval_episode_num", "llcd_adapt_updates", "llcd_scale", "llcd_beta",
-                "llcd_std_floor", "llcd_cooldown"):
+                "llcd_std_floor", "llcd_cooldown", "llcd_max_delay"):
         if config[key] < 0:
             raise ConfigError(f"'{key}' must be >= 0, got {config[key]}")
     if config["llcd_burn_in"] > config["llcd_history_window"]:

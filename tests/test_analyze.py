@@ -46,7 +46,7 @@ def base_config(**overrides):
         "task": "dmc_cartpole_balance", "configs": ["dmc_crl_cartpole", "small"],
         "seed": 1, "llcd": True, "replay": "reservoir",
         "crl_tasks": [0, 1, 2, 3], "crl_steps_per_task": 250, "prefill": 250,
-        "action_repeat": 2, "eval_every": 125,
+        "action_repeat": 2, "eval_every": 125, "llcd_max_delay": 60,
     }
     config.update(overrides)
     return config
@@ -244,18 +244,26 @@ def test_final_model_loss(report):
 
 
 def test_llcd_metrics(report):
-    # switches at env steps 1000 (task 1), 1500 (task 2), 2000 (task 3).
-    # seed 1 detections 300 (false alarm), 1100 (delay 100), 1200 (second in
-    # the window: false alarm), 1650 (delay 150), none in [2000, 2500): miss.
-    # 2 false alarms over 2500 / 2 = 1250 agent steps -> 160 per 100K.
+    # Strict scoring in agent steps (action_repeat 2), llcd_max_delay 60. Switches at agent
+    # steps 500 (task 1), 750 (task 2), 1000 (task 3); the run ends at 1250.
+    # seed 1 detections 150 (false alarm), 550 (delay 50), 600 (second after the switch: false
+    # alarm), 825 (75 steps late: a miss of switch 2 and a false alarm), none in
+    # [1000, 1060]: a miss. 3 false alarms over 1250 agent steps -> 240 per 100K.
     # seed 2 detects each switch exactly at the boundary: delays 0, no misses.
-    assert_cell(report, "llcd_delay_steps/switch1_task1", 100, 0)
-    assert_cell(report, "llcd_delay_steps/switch2_task2", 150, 0)
-    mean, std, n = cell(report, "llcd_delay_steps/switch3_task3")
+    # Chance level (seed 1): of the 39 fake switch times (real ones shifted by 60k, |k| >= 2,
+    # inside [0, 1190], more than 60 from every real one), 90, 100, 140, 150 precede 150,
+    # 570, 580 precede 600 and 820 precedes 825 by at most 60: 7 / 39. Seed 2's detections
+    # sit on the real switches, more than 60 from every fake one: 0.
+    assert_cell(report, "llcd_delay_agent_steps/switch1_task1", 50, 0)
+    mean, std, n = cell(report, "llcd_delay_agent_steps/switch2_task2")
+    assert (mean, n) == (0.0, 1) and math.isnan(std)  # seed 1 was too late
+    mean, std, n = cell(report, "llcd_delay_agent_steps/switch3_task3")
     assert (mean, n) == (0.0, 1) and math.isnan(std)  # seed 1 missed it
-    assert_cell(report, "llcd_delay_steps/mean", (100 + 150) / 2, 0.0)
-    assert_cell(report, "llcd_misses", 1, 0)
-    assert_cell(report, "llcd_false_alarms_per_100k", 2 / 1250 * 100_000, 0.0)
+    assert_cell(report, "llcd_delay_agent_steps/median", 50, 0.0)
+    assert_cell(report, "llcd_hit_rate", 1 / 3, 1.0)
+    assert_cell(report, "llcd_chance_hit_rate", 7 / 39, 0.0)
+    assert_cell(report, "llcd_misses", 2, 0)
+    assert_cell(report, "llcd_false_alarms_per_100k", 3 / 1250 * 100_000, 0.0)
     assert_cell(report, "llcd_probe_accuracy/final", 0.75, 1.0)
 
 
@@ -306,8 +314,8 @@ def test_repeated_schedule_windows():
     assert m["forgetting/task1"] == -450 and m["forgetting_max/task1"] == -450
     assert m["avg_performance/final"] == (300 + 950) / 2
     # llcd on, no detections: all three switches (windows 1, 2, 3) missed
-    assert m["llcd_misses"] == 3 and m["llcd_false_alarms_per_100k"] == 0
-    assert math.isnan(m["llcd_delay_steps/mean"])
+    assert m["llcd_misses"] == 3 and m["llcd_false_alarms_per_100k"] == 0 and m["llcd_hit_rate"] == 0
+    assert math.isnan(m["llcd_delay_agent_steps/median"])
     assert math.isnan(m["model_loss/final"])
 
 

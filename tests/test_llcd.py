@@ -283,18 +283,46 @@ def test_monitor_detects_a_jump_opens_the_gate_and_reports_the_delay():
     schedule = dreamer.Schedule(tools.Config({"crl_tasks": [0, 1], "crl_steps_per_task": 250, "prefill": 50}))
     scalars = monitor.switch_scalars(schedule, 600)
     assert scalars["llcd_delay_window_1"] == 3 and scalars["llcd_misses"] == 0
-    assert scalars["llcd_false_alarms_per_100k"] == 0
+    assert scalars["llcd_false_alarms_per_100k"] == 0 and scalars["llcd_hit_rate"] == 1.0
     logged = monitor.log_scalars()
     assert logged["llcd_detections"] == 1 and logged["llcd_gate"] == 1.0 and "llcd_score" in logged
 
 
-def test_detection_report_hand_computed():
+def test_detection_report_is_strict_hand_computed():
+    """max_delay 50: a detection counts for a switch only within 50 steps after it."""
     report = detector.detection_report([50, 120, 130, 260, 420], [(100, 200), (200, 300), (300, 400)], 500,
-                                       unit=100)
-    assert report["delays"][:2] == [20, 60] and math.isnan(report["delays"][2])
-    assert report["misses"] == 1
-    assert report["false_alarms"] == 3  # 50 (before any switch), 130 (second in a window), 420 (after)
-    assert report["false_alarms_per_unit"] == pytest.approx(3 / 500 * 100)
+                                       max_delay=50, unit=100)
+    assert report["delays"][0] == 20  # 120
+    assert math.isnan(report["delays"][1])  # 260 is 60 steps late: a miss and a false alarm
+    assert math.isnan(report["delays"][2])  # nothing in [300, 350]
+    assert report["hits"] == 1 and report["misses"] == 2 and report["hit_rate"] == pytest.approx(1 / 3)
+    assert report["median_delay"] == 20
+    assert report["false_alarms"] == 4  # 50, 130 (second after a switch), 260 (late), 420
+    assert report["false_alarms_per_unit"] == pytest.approx(4 / 500 * 100)
+    lenient = detector.detection_report([50, 120, 130, 260, 420], [(100, 200), (200, 300), (300, 400)], 500,
+                                        max_delay=100, unit=100)
+    assert lenient["delays"][:2] == [20, 60] and lenient["hits"] == 2 and lenient["false_alarms"] == 3
+
+
+def test_a_switch_whose_deadline_has_not_come_is_pending_not_missed():
+    report = detector.detection_report([], [(100, 1000)], 120, max_delay=50)
+    assert report["misses"] == 0 and report["hits"] == 0 and math.isnan(report["hit_rate"])
+    assert detector.detection_report([], [(100, 1000)], 150, max_delay=50)["misses"] == 1
+
+
+def test_chance_hit_rate_hand_computed():
+    """Switch at 100, max_delay 50, run of 400: fake switches at 100 + 50k (|k| >= 2) inside
+    [0, 350] and clear of [100, 150]: 0, 200, 250, 300, 350. Detections 120, 210, 340 fall
+    after 200 and 300: 2 of 5."""
+    report = detector.detection_report([120, 210, 340], [(100, 400)], 400, max_delay=50)
+    assert report["chance_hit_rate"] == pytest.approx(2 / 5)
+    assert report["hit_rate"] == 1.0 and report["false_alarms"] == 2
+    # detections exactly at the real switches never hit a fake one
+    assert detector.detection_report([100, 300], [(100, 300), (300, 600)], 600, 50)["chance_hit_rate"] == 0.0
+
+
+def test_max_delay_zero_means_one_episode():
+    assert detector.resolve_max_delay(0, 1000, 2) == 500 and detector.resolve_max_delay(80, 1000, 2) == 80
 
 
 def test_probe_accuracy_separates_tasks_and_is_near_chance_without_signal():
