@@ -19,6 +19,7 @@ one ``error: ...`` line naming the fix.
 import collections
 import errno
 import functools
+import io
 import json
 import math
 import pathlib
@@ -71,8 +72,8 @@ class Dreamer(nn.Module):
     def policy(self, obs, state, mode, explore=False):
         """obs: dict of (N, ...) arrays; state: None at the start, then what the last call returned.
         mode: 'train' samples actions (and z), 'eval' takes the modes. Returns (actions (N, A), state);
-        with LLCD, ``state`` also holds each env's surprise score ``surprise`` (N,) (NaN at
-        episode starts) and the context mean ``z`` (N, Z) used for this step."""
+        with LLCD, ``state`` also holds each env's candidate surprise scores ``surprise``
+        {name: (N,)} (NaN at episode starts) and the context mean ``z`` (N, Z) used for this step."""
         data = self.wm.preprocess({k: v for k, v in obs.items() if k in ("state", "image", "is_first")})
         if state is None:
             state = self.initial_state(data["is_first"].shape[0], data["is_first"].device)
@@ -90,8 +91,9 @@ class Dreamer(nn.Module):
         action = action.clamp(-1, 1)
         new_state = {"latent": latent, "action": action}
         if z is not None:
-            surprise = self.wm.surprise(latent, data)
-            new_state.update(context=context, z=mean.float().cpu().numpy(), surprise=surprise.cpu().numpy())
+            scores = self.wm.surprise(latent, data)
+            new_state.update(context=context, z=mean.float().cpu().numpy(),
+                             surprise={name: score.cpu().numpy() for name, score in scores.items()})
         return action.cpu().numpy(), new_state
 
     def initial_state(self, batch, device):
@@ -216,15 +218,20 @@ def forgetting(history, window_end, now_value):
 
 
 class ChangeMonitor:
-    """LLCD bookkeeping of a run (SPEC §6): the live surprise stream, the change detector,
+    """LLCD bookkeeping of a run (SPEC §6): the live score streams, the change detector,
     the adaptation gate and the agent steps of every detection.
 
-    One score per training policy call: the mean surprise of the train envs that are not
-    at an episode start, averaged over the last ``llcd_smoothing`` calls. A detection
-    opens the gate; so does the start of training, the first change the agent sees
-    (otherwise ``llcd_gate: detector`` would act with an untrained context encoder
-    until the first detection).
+    Each training policy call gives one value per candidate score (``WorldModel.surprise``):
+    the mean over the train envs that are not at an episode start. Every value is recorded
+    with its agent step (``stream``, written to ``llcd_scores.npz`` at each checkpoint) so
+    detectors can be replayed offline; ``llcd_score`` names the one the detector sees,
+    averaged over the last ``llcd_smoothing`` calls. A detection opens the gate; so does
+    the start of training, the first change the agent sees (otherwise ``llcd_gate:
+    detector`` would act with an untrained context encoder until the first detection).
     """
+
+    SCORES = ("obs_nll", "latent_kl")
+    FILE = "llcd_scores.npz"
 
     def __init__(self, config):
         self.detector = detector.ChangeDetector(
@@ -232,16 +239,21 @@ class ChangeMonitor:
             config.llcd_std_floor, config.llcd_cooldown)
         self.gate = detector.AdaptationGate(config.llcd_gate, config.llcd_adapt_updates)
         self.max_delay = detector.resolve_max_delay(config.llcd_max_delay, config.time_limit, config.action_repeat)
+        self.score_name = config.llcd_score
         self.recent = collections.deque(maxlen=config.llcd_smoothing)
         self.detections = []  # agent steps
-        self.scores = []  # since the last log
+        self.scores = []  # detector inputs since the last log
+        self.stream = {key: [] for key in ("step", *self.SCORES)}  # every call's candidate scores
 
     def observe(self, surprise, agent_step):
-        """Feed one policy call's scores (N,); True when this call declares a change."""
-        finite = surprise[np.isfinite(surprise)]
+        """Feed one policy call's candidate scores {name: (N,)}; True when it declares a change."""
+        means = {name: finite_mean(surprise[name]) for name in self.SCORES}
+        self.stream["step"].append(agent_step)
+        for name, value in means.items():
+            self.stream[name].append(value)
         score = math.nan
-        if len(finite):
-            self.recent.append(float(finite.mean()))
+        if math.isfinite(means[self.score_name]):
+            self.recent.append(means[self.score_name])
             score = float(np.mean(self.recent))
             self.scores.append(score)
         if not self.detector.update(score):
@@ -249,6 +261,13 @@ class ChangeMonitor:
         self.detections.append(agent_step)
         self.gate.trigger()
         return True
+
+    def write_stream(self, logdir):
+        """Write every recorded score to ``logdir/llcd_scores.npz`` (atomically)."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **{key: np.asarray(values, np.int64 if key == "step" else np.float32)
+                            for key, values in self.stream.items()})
+        tools.atomic_write_bytes(pathlib.Path(logdir) / self.FILE, buffer.getvalue())
 
     def log_scalars(self):
         """Score, threshold, gate and detection count since the last call."""
@@ -278,13 +297,22 @@ class ChangeMonitor:
 
     def state_dict(self):
         return {"detector": self.detector.state_dict(), "gate": self.gate.state_dict(),
-                "recent": list(self.recent), "detections": list(self.detections)}
+                "recent": list(self.recent), "detections": list(self.detections),
+                "stream": {key: list(values) for key, values in self.stream.items()}}
 
     def load_state_dict(self, state):
         self.detector.load_state_dict(state["detector"])
         self.gate.load_state_dict(state["gate"])
         self.recent.extend(state["recent"])
         self.detections = list(state["detections"])
+        for key, values in state.get("stream", {}).items():  # absent in older checkpoints
+            self.stream[key] = list(values)
+
+
+def finite_mean(values):
+    """Mean of the finite entries of an array (NaN if none)."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if len(finite) else math.nan
 
 
 # ----------------------------------------------------------------- training run
@@ -392,6 +420,8 @@ class Run:
             tools.save_checkpoint(self.checkpoint_path, self.checkpoint_payload())
         except OSError as error:
             raise SystemExit(self.save_error(error)) from None
+        if self.monitor:
+            self.monitor.write_stream(self.logdir)
         self.replay.purge_evicted()
         self.last["ckpt"] = self.env_step
 

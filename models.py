@@ -132,15 +132,20 @@ class WorldModel(nn.Module):
 
     @torch.no_grad()
     def surprise(self, post, data):
-        """LLCD score of live steps (SPEC §6.1): NLL of each observation under the model's
-        one-step prior prediction, i.e. the decoder applied to the prior's mode and the
-        deterministic state computed from the previous posterior and action. post: state
-        after ``obs_step`` (N, ...); returns (N,) float32 with NaN where ``is_first``."""
+        """LLCD candidate scores of live steps (SPEC §6.1, §6.6), each (N,) float32 with NaN
+        where ``is_first``. post: state after ``obs_step`` (N, ...); the prior is the one-step
+        prediction from the previous posterior and action (``deter`` of post).
+        - ``obs_nll``: NLL of the observation under the decoder applied to the prior's mode;
+        - ``latent_kl``: KL[posterior || prior] of the stochastic latent (nats), how far the
+          observation moved the model's belief from what its dynamics predicted."""
         logit = self.dynamics.prior_logit(post["deter"])  # (N, S, K)
         prior = {"deter": post["deter"], "stoch": networks.OneHotCategorical(logit, self.config.unimix_ratio).mode()}
         dists = self.decoder(self.dynamics.feat(prior))
-        nll = sum(-dist.log_prob(data[key]) for key, dist in dists.items())  # (N,)
-        return nll.float().masked_fill(data["is_first"].bool(), float("nan"))
+        scores = {"obs_nll": sum(-dist.log_prob(data[key]) for key, dist in dists.items()),  # (N,)
+                  "latent_kl": networks.categorical_kl(networks.unimix_log_probs(post["logit"], self.config.unimix_ratio),
+                                                       networks.unimix_log_probs(logit, self.config.unimix_ratio))}
+        first = data["is_first"].bool()
+        return {name: score.float().masked_fill(first, float("nan")) for name, score in scores.items()}
 
     @torch.no_grad()
     def video_pred(self, data, observed=5, count=6):

@@ -45,6 +45,7 @@ CHOICES = {
     "replay": ("fifo", "reservoir"),
     "crl_switch": ("immediate", "episode"),
     "llcd_gate": ("detector", "always", "never"),
+    "llcd_score": ("obs_nll", "latent_kl"),
 }
 
 

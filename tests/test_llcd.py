@@ -245,13 +245,51 @@ def test_surprise_is_nan_at_episode_starts_and_grows_with_prediction_error():
     agent = dreamer.Dreamer(dreamer_obs_space(), dreamer_act_space(), config)
     obs = {"state": np.zeros((2, OBS_DIM), np.float32), "is_first": np.array([True, False])}
     _, state = agent.policy(obs, None, "eval")
-    assert math.isnan(state["surprise"][0]) and math.isfinite(state["surprise"][1])
+    assert set(state["surprise"]) == set(dreamer.ChangeMonitor.SCORES)
+    for score in state["surprise"].values():
+        assert math.isnan(score[0]) and math.isfinite(score[1])
     assert state["z"].shape == (2, config.llcd_context_dim)
     near = {"state": np.zeros((2, OBS_DIM), np.float32), "is_first": np.array([False, False])}
     far = {"state": np.full((2, OBS_DIM), 50.0, np.float32), "is_first": np.array([False, False])}
     _, near_state = agent.policy(near, state, "eval")
     _, far_state = agent.policy(far, state, "eval")
-    assert (far_state["surprise"] > near_state["surprise"]).all()
+    assert (far_state["surprise"]["obs_nll"] > near_state["surprise"]["obs_nll"]).all()
+
+
+def test_latent_kl_is_the_kl_of_the_posterior_from_the_one_step_prior():
+    """latent_kl = KL[post || prior] (unimix) of the live step: 0 when the observation leaves the
+    belief where the dynamics put it, and equal to the categorical KL computed by hand."""
+    config = llcd_config()
+    torch.manual_seed(0)
+    wm = models.WorldModel({"state": (OBS_DIM,)}, ACTION_DIM, config)
+    deter = torch.randn(3, config.dyn_deter)
+    with torch.no_grad():
+        prior_logit = wm.dynamics.prior_logit(deter)
+    post_logit = prior_logit.clone()
+    post_logit[1] += torch.randn_like(post_logit[1]) * 3
+    post = {"deter": deter, "stoch": torch.zeros_like(post_logit), "logit": post_logit}
+    data = {"state": torch.zeros(3, OBS_DIM), "is_first": torch.tensor([False, False, True])}
+    kl = wm.surprise(post, data)["latent_kl"]
+    assert kl[0].abs() < 1e-5 and math.isnan(kl[2])
+    mix = config.unimix_ratio
+    p = (1 - mix) * torch.softmax(post_logit[1], -1) + mix / config.dyn_discrete
+    q = (1 - mix) * torch.softmax(prior_logit[1], -1) + mix / config.dyn_discrete
+    assert float(kl[1]) == pytest.approx(float((p * (p.log() - q.log())).sum()), rel=1e-4)
+
+
+def test_monitor_records_every_candidate_score_and_feeds_the_configured_one():
+    config = llcd_config("--llcd_score", "latent_kl", "--llcd_burn_in", "5", "--llcd_history_window", "10")
+    monitor = dreamer.ChangeMonitor(config)
+    for step in range(20):
+        monitor.observe({"obs_nll": np.array([1.0, np.nan]), "latent_kl": np.array([step, step + 2.0])}, step)
+    monitor.observe({"obs_nll": np.array([np.nan]), "latent_kl": np.array([np.nan])}, 20)
+    assert monitor.stream["step"] == list(range(21))
+    assert monitor.stream["obs_nll"][:20] == [1.0] * 20 and math.isnan(monitor.stream["obs_nll"][20])
+    assert monitor.stream["latent_kl"][:20] == [step + 1.0 for step in range(20)]
+    assert monitor.detector.steps == 21 and monitor.scores == [step + 1.0 for step in range(20)]
+    restored = dreamer.ChangeMonitor(config)
+    restored.load_state_dict(monitor.state_dict())
+    assert restored.stream["latent_kl"][:20] == monitor.stream["latent_kl"][:20]
 
 
 def dreamer_obs_space():
@@ -277,7 +315,7 @@ def test_monitor_detects_a_jump_opens_the_gate_and_reports_the_delay():
         level = 10.0 if step < jump_at else 20.0
         scores = level + rng.normal(0, 1, 2)
         scores[0] = np.nan if step % 100 == 0 else scores[0]  # an env at an episode start
-        monitor.observe(scores, step)
+        monitor.observe({"obs_nll": scores, "latent_kl": scores}, step)
     assert monitor.detections == [jump_at + 3]  # patience 4: declared on the 4th alarming step
     assert monitor.gate.open and monitor.gate.remaining == 10
     schedule = dreamer.Schedule(tools.Config({"crl_tasks": [0, 1], "crl_steps_per_task": 250, "prefill": 50}))
@@ -357,3 +395,8 @@ def test_llcd_run_logs_score_gate_probe_and_resumes_the_detector(tmp_path, monke
     # one score per policy call after prefill (1 env): the resumed detector continued its count
     final = tools.load_checkpoint(tmp_path / "latest.pt", "cpu")
     assert final["agent_step"] == 300 and final["llcd"]["detector"]["steps"] == 300 - 100
+    # every candidate score of every call is on disk, once, the steps before the crash included
+    with np.load(tmp_path / dreamer.ChangeMonitor.FILE) as recorded:
+        assert recorded["step"].tolist() == list(range(100, 300))
+        for name in dreamer.ChangeMonitor.SCORES:
+            assert len(recorded[name]) == 200 and np.isfinite(recorded[name]).mean() > 0.9
