@@ -47,7 +47,7 @@ import math
 
 import numpy as np
 
-__all__ = ["ChangeDetector", "AdaptationGate", "detection_report", "chance_hit_rate", "resolve_max_delay"]
+__all__ = ["ChangeDetector", "CusumDetector", "AdaptationGate", "detection_report", "chance_hit_rate", "resolve_max_delay"]
 
 
 class ChangeDetector:
@@ -273,6 +273,104 @@ class ChangeDetector:
         self._cooldown_end = step + self._cooldown
         self._streak = 0
         self._clear_window()
+
+
+class CusumDetector:
+    """One-sided CUSUM for small persistent rises of an autocorrelated score.
+
+    Baseline: a burn-in of at least ``2 * burn_in`` finite scores that ends once the score
+    has settled (``settled_baseline``: the newer ``burn_in`` scores are no longer lower than
+    the older ones; a world model that is still learning keeps lowering its surprise), or
+    after ``10 * burn_in`` scores at the latest. From the last ``2 * burn_in`` scores: mean
+    m, std s and lag-1 autocorrelation phi (clipped to [0, 0.99]).
+
+    Each later score becomes z = (x - m) / (s * sqrt((1 + phi) / (1 - phi))): the long-run
+    std of an AR(1) stream, so that sums of z grow like a unit-variance random walk when
+    nothing changed. S = max(0, S + z - drift); a change is declared when S > h. h is set
+    for ``false_alarms_per_100k`` by Siegmund's approximation of the in-control average
+    run length, ARL0 = (exp(2 k b) - 2 k b - 1) / (2 k^2) with k = drift, b = h + 1.166.
+    ``drift`` is half the smallest shift (in long-run std) it is built to catch quickly.
+    After a declaration: a new burn-in (re-baseline) and ``cooldown`` calls without one.
+    Non-finite scores are skipped. The baseline stays fixed between declarations: if the
+    score keeps falling after burn-in, a later rise must first climb back to it.
+    """
+
+    def __init__(self, burn_in=200, drift=0.1, false_alarms_per_100k=1.0, cooldown=1000):
+        _check_int("burn_in", burn_in, 4)
+        _check_positive_float("drift", drift)
+        _check_positive_float("false_alarms_per_100k", false_alarms_per_100k)
+        _check_int("cooldown", cooldown, 0)
+        self.burn_in, self.drift, self.cooldown = int(burn_in), float(drift), int(cooldown)
+        self.h = cusum_threshold(self.drift, 100_000 / false_alarms_per_100k)
+        self.steps = 0
+        self.cooldown_end = -1
+        self.rebaseline()
+
+    def rebaseline(self):
+        self.history, self.baseline, self.statistic = [], None, 0.0
+
+    def update(self, score):
+        """Feed one score; return True exactly when this call declares a change."""
+        step, self.steps = self.steps, self.steps + 1
+        x = float(score)
+        if not math.isfinite(x):
+            return False
+        if self.baseline is None:
+            self.history.append(x)
+            self.baseline = settled_baseline(self.history, self.burn_in)
+            return False
+        mean, scale = self.baseline
+        self.statistic = max(0.0, self.statistic + (x - mean) / scale - self.drift)
+        if self.statistic <= self.h or step < self.cooldown_end:
+            return False
+        self.cooldown_end = step + 1 + self.cooldown
+        self.rebaseline()
+        return True
+
+    @property
+    def ready(self):
+        return self.baseline is not None
+
+    def state_dict(self):
+        return {"steps": self.steps, "cooldown_end": self.cooldown_end, "history": list(self.history),
+                "baseline": self.baseline, "statistic": self.statistic}
+
+    def load_state_dict(self, state):
+        self.steps, self.cooldown_end = state["steps"], state["cooldown_end"]
+        self.history, self.baseline, self.statistic = list(state["history"]), state["baseline"], state["statistic"]
+
+
+def settled_baseline(history, burn_in):
+    """(mean, long-run std) of the last ``2 * burn_in`` scores once they have settled, else
+    None. Settled: the mean of the newer ``burn_in`` is not below that of the older
+    ``burn_in`` by more than two standard errors (or ``10 * burn_in`` scores have passed)."""
+    if len(history) < 2 * burn_in:
+        return None
+    recent = np.asarray(history[-2 * burn_in:])
+    centred = recent - recent.mean()
+    var = max(float(centred.var()), 1e-12)
+    phi = float((centred[1:] * centred[:-1]).mean() / var)
+    phi = min(max(phi + (1 + 3 * phi) / len(recent), 0.0), 0.99)  # less the estimate's bias
+    scale = math.sqrt(var * (1 + phi) / (1 - phi))
+    falling = recent[burn_in:].mean() - recent[:burn_in].mean() < -2 * scale * math.sqrt(2 / burn_in)
+    if falling and len(history) < 10 * burn_in:
+        return None
+    return float(recent.mean()), scale
+
+
+def cusum_threshold(drift, arl0):
+    """h such that Siegmund's in-control run length of a CUSUM with drift k is ``arl0``."""
+    def run_length(h):
+        b = 2 * drift * (h + 1.166)
+        return (math.exp(b) - b - 1) / (2 * drift ** 2)
+
+    low, high = 0.0, 1.0
+    while run_length(high) < arl0:
+        high *= 2
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if run_length(mid) < arl0 else (low, mid)
+    return high
 
 
 class AdaptationGate:

@@ -46,6 +46,7 @@ CHOICES = {
     "crl_switch": ("immediate", "episode"),
     "llcd_gate": ("detector", "always", "never"),
     "llcd_score": ("obs_nll", "latent_kl"),
+    "llcd_detector": ("threshold", "cusum"),
 }
 
 
@@ -203,7 +204,8 @@ def validate(config):
     positive = ["steps", "batch_size", "batch_length", "train_ratio", "envs", "action_repeat",
                 "eval_every", "log_every", "checkpoint_every", "dataset_size", "replay_chunk", "imag_horizon",
                 "llcd_context_len", "llcd_context_dim", "llcd_units", "llcd_lr", "llcd_smoothing", "llcd_history_window",
-                "llcd_sigma", "llcd_patience", "llcd_burn_in", "nonfinite_limit"]
+                "llcd_sigma", "llcd_patience", "llcd_burn_in", "llcd_cusum_drift", "llcd_false_alarms_per_100k",
+                "nonfinite_limit"]
     for key in positive:
         if config[key] <= 0:
             raise ConfigError(f"'{key}' must be > 0, got {config[key]}")

@@ -326,6 +326,21 @@ def test_monitor_detects_a_jump_opens_the_gate_and_reports_the_delay():
     assert logged["llcd_detections"] == 1 and logged["llcd_gate"] == 1.0 and "llcd_score" in logged
 
 
+def test_monitor_with_cusum_finds_a_one_std_rise_the_sigma_rule_misses():
+    """The same live stream (two envs, 1-std rise of the obs NLL at step 1500) through both
+    detectors: llcd_detector cusum declares it within one episode, the threshold rule not."""
+    found = {}
+    for name in ("cusum", "threshold"):
+        monitor = dreamer.ChangeMonitor(llcd_config("--llcd_detector", name, "--llcd_cooldown", "100"))
+        rng = np.random.default_rng(0)
+        for step in range(3000):
+            scores = rng.normal(0, 1, 2) + (1.0 if step >= 1500 else 0.0) + 10.0
+            monitor.observe({"obs_nll": scores, "latent_kl": scores}, step)
+        found[name] = [step for step in monitor.detections if 1500 <= step <= 1500 + monitor.max_delay]
+        assert ("llcd_cusum" in monitor.log_scalars()) == (name == "cusum")
+    assert found["cusum"] and not found["threshold"], found
+
+
 def test_detection_report_is_strict_hand_computed():
     """max_delay 50: a detection counts for a switch only within 50 steps after it."""
     report = detector.detection_report([50, 120, 130, 260, 420], [(100, 200), (200, 300), (300, 400)], 500,
