@@ -4,6 +4,12 @@ Usage::
 
     python analyze_results.py RUN_DIR... [--out DIR] [--reference DIR...]
                               [--group-by KEY ...]
+    python analyze_results.py RUN_DIR... --detectors [--out DIR]
+
+``--detectors`` replays the LLCD score streams the runs recorded
+(``llcd_scores.npz``) through every candidate score x detector pair, with
+each run's own detector settings, and prints the strict detection table
+(per run and pooled) instead of the usual analysis; ``detectors.csv`` holds it.
 
 Glob patterns are expanded here as well, so quoted patterns such as
 ``'logdir/*cartpole*'`` work. A directory without ``config.yaml`` whose
@@ -96,6 +102,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import detector
 from detector import detection_report, resolve_max_delay
 
 PROG = "analyze_results"
@@ -1135,6 +1142,108 @@ def write_plots(groups: list, out: str) -> list:
 # --------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------- offline detector replay
+
+SCORES_FILE = "llcd_scores.npz"
+DETECTOR_COLUMNS = ("run", "score", "detector", "switches", "hits", "misses", "hit_rate", "chance_hit_rate",
+                    "median_delay", "false_alarms", "false_alarms_per_100k", "agent_steps")
+
+
+def config_defaults() -> dict:
+    """``defaults`` of configs.yaml: settings an older run's config.yaml lacks."""
+    return read_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs.yaml"))["defaults"]
+
+
+def replay_stream(values: np.ndarray, steps: np.ndarray, settings: dict, name: str) -> list:
+    """Agent steps at which detector ``name`` declares a change on a recorded score stream,
+    smoothed as the live run smoothed it (mean of the last ``llcd_smoothing`` finite values)."""
+    found, recent = [], []
+    instance = detector.from_config(settings, name)
+    for step, value in zip(steps.tolist(), values.tolist()):
+        score = math.nan
+        if math.isfinite(value):
+            recent = (recent + [value])[-settings["llcd_smoothing"]:]
+            score = sum(recent) / len(recent)
+        if instance.update(score):
+            found.append(step)
+    return found
+
+
+def detector_rows(run: Run, defaults: dict) -> list:
+    """One strict-scoring row per candidate score x detector of one run's recorded stream."""
+    settings = {**defaults, **run.config}
+    with np.load(os.path.join(run.path, SCORES_FILE)) as data:
+        stream = {key: data[key] for key in data.files}
+    repeat = run.schedule.action_repeat
+    switches = [(w.start / repeat, w.end / repeat) for w in run.schedule.switches()]
+    max_delay = resolve_max_delay(settings["llcd_max_delay"], settings["time_limit"], repeat)
+    steps = int(stream["step"][-1]) + 1 if len(stream["step"]) else 0
+    rows = []
+    for score in (key for key in stream if key != "step"):
+        for name in detector.DETECTORS:
+            found = replay_stream(stream[score], stream["step"], settings, name)
+            report = detection_report(found, switches, steps, max_delay, FALSE_ALARM_UNIT)
+            rows.append({"run": run.path, "score": score, "detector": name, "switches": len(switches),
+                         "hits": report["hits"], "misses": report["misses"], "hit_rate": report["hit_rate"],
+                         "chance_hit_rate": report["chance_hit_rate"], "median_delay": report["median_delay"],
+                         "false_alarms": report["false_alarms"],
+                         "false_alarms_per_100k": report["false_alarms_per_unit"], "agent_steps": steps})
+    return rows
+
+
+def pooled_detector_rows(rows: list) -> list:
+    """Per score x detector over all runs: summed counts, pooled rates, median of the run medians."""
+    pooled = []
+    for key in OrderedDict.fromkeys((r["score"], r["detector"]) for r in rows):
+        group = [r for r in rows if (r["score"], r["detector"]) == key]
+        hits, misses = sum(r["hits"] for r in group), sum(r["misses"] for r in group)
+        steps, alarms = sum(r["agent_steps"] for r in group), sum(r["false_alarms"] for r in group)
+        pooled.append({"run": f"all ({len(group)} runs)", "score": key[0], "detector": key[1],
+                       "switches": sum(r["switches"] for r in group), "hits": hits, "misses": misses,
+                       "hit_rate": hits / (hits + misses) if hits + misses else math.nan,
+                       "chance_hit_rate": _nanmean([r["chance_hit_rate"] for r in group]),
+                       "median_delay": float(np.nanmedian([r["median_delay"] for r in group]))
+                       if any(math.isfinite(r["median_delay"]) for r in group) else math.nan,
+                       "false_alarms": alarms, "false_alarms_per_100k": alarms / steps * FALSE_ALARM_UNIT
+                       if steps else math.nan, "agent_steps": steps})
+    return pooled
+
+
+def evaluate_detectors(runs: list, out: str) -> int:
+    """The ``--detectors`` mode: replay, print the strict table, write detectors.csv."""
+    defaults = config_defaults()
+    usable = [run for run in runs if os.path.isfile(os.path.join(run.path, SCORES_FILE))]
+    for run in runs:
+        if run not in usable:
+            warn(f"{run.path}: no {SCORES_FILE} (an LLCD run of this version writes it); skipped")
+    if not usable:
+        fail(f"no run has {SCORES_FILE}; run dreamer.py with --llcd True first")
+    rows = []
+    for index, run in enumerate(usable, 1):
+        info(f"replaying {run.path} ({index}/{len(usable)})")
+        rows += detector_rows(run, defaults)
+    table = rows + pooled_detector_rows(rows)
+    print(render_detector_table(table))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "detectors.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=DETECTOR_COLUMNS)
+        writer.writeheader()
+        writer.writerows(table)
+    info(f"wrote {os.path.join(out, 'detectors.csv')}")
+    return 0
+
+
+def render_detector_table(rows: list) -> str:
+    """Plain-text table of detector rows (hit rate next to its chance level)."""
+    header = ["run", "score", "detector", "hits/switches", "hit rate (chance)", "median delay", "FA/100K"]
+    lines = [[r["run"], r["score"], r["detector"], f"{r['hits']}/{r['hits'] + r['misses']}",
+              f"{r['hit_rate']:.2f} ({r['chance_hit_rate']:.2f})", f"{r['median_delay']:.0f}",
+              f"{r['false_alarms_per_100k']:.1f}"] for r in rows]
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
+    render = [" | ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [header, *lines]]
+    return "\n".join([render[0], "-+-".join("-" * w for w in widths), *render[1:]])
+
+
 def parse_args(argv: list | None) -> argparse.Namespace:
     """Command-line arguments."""
     parser = argparse.ArgumentParser(
@@ -1147,6 +1256,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
                         help="single-task reference runs for forward transfer")
     parser.add_argument("--group-by", nargs="+", default=None, metavar="KEY",
                         help="config keys replacing the default (domain llcd replay)")
+    parser.add_argument("--detectors", action="store_true",
+                        help="replay the recorded LLCD score streams through every score x detector pair")
     return parser.parse_args(argv)
 
 
@@ -1201,6 +1312,8 @@ def main(argv: list | None = None) -> int:
     runs = load_runs(paths)
     if not runs:
         fail("no run directory with config.yaml and metrics.jsonl among: " + " ".join(args.runs))
+    if args.detectors:
+        return evaluate_detectors(runs, args.out)
     refs = load_runs(expand_paths(args.reference), what="reference") if args.reference else []
     for ref in refs:
         if ref.reference_task() is None:

@@ -47,7 +47,8 @@ import math
 
 import numpy as np
 
-__all__ = ["ChangeDetector", "CusumDetector", "AdaptationGate", "detection_report", "chance_hit_rate", "resolve_max_delay"]
+__all__ = ["ChangeDetector", "CusumDetector", "AdaptationGate", "DETECTORS", "from_config", "detection_report",
+           "chance_hit_rate", "resolve_max_delay"]
 
 
 class ChangeDetector:
@@ -409,6 +410,20 @@ class AdaptationGate:
 
     def load_state_dict(self, state):
         self.remaining = int(state["remaining"])
+
+
+def from_config(config, name=None):
+    """The detector ``name`` (default ``llcd_detector``) with the run config's LLCD settings:
+    the adaptive sigma rule (``threshold``) or ``cusum``. ``config``: any mapping."""
+    name = name or config["llcd_detector"]
+    if name == "cusum":
+        return CusumDetector(config["llcd_burn_in"], config["llcd_cusum_drift"],
+                             config["llcd_false_alarms_per_100k"], config["llcd_cooldown"])
+    return ChangeDetector(config["llcd_history_window"], config["llcd_sigma"], config["llcd_patience"],
+                          config["llcd_burn_in"], config["llcd_std_floor"], config["llcd_cooldown"])
+
+
+DETECTORS = ("threshold", "cusum")
 
 
 def detection_report(detections, switches, steps, max_delay, unit=100_000):

@@ -234,7 +234,7 @@ class ChangeMonitor:
     FILE = "llcd_scores.npz"
 
     def __init__(self, config):
-        self.detector = make_detector(config)
+        self.detector = detector.from_config(config)
         self.gate = detector.AdaptationGate(config.llcd_gate, config.llcd_adapt_updates)
         self.max_delay = detector.resolve_max_delay(config.llcd_max_delay, config.time_limit, config.action_repeat)
         self.score_name = config.llcd_score
@@ -307,15 +307,6 @@ class ChangeMonitor:
         self.detections = list(state["detections"])
         for key, values in state.get("stream", {}).items():  # absent in older checkpoints
             self.stream[key] = list(values)
-
-
-def make_detector(config):
-    """``llcd_detector``: the adaptive sigma rule (``threshold``) or ``cusum``."""
-    if config.llcd_detector == "cusum":
-        return detector.CusumDetector(config.llcd_burn_in, config.llcd_cusum_drift,
-                                      config.llcd_false_alarms_per_100k, config.llcd_cooldown)
-    return detector.ChangeDetector(config.llcd_history_window, config.llcd_sigma, config.llcd_patience,
-                                   config.llcd_burn_in, config.llcd_std_floor, config.llcd_cooldown)
 
 
 def finite_mean(values):

@@ -368,3 +368,39 @@ def test_cli_subprocess_usage_error_is_one_line(tmp_path):
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("analyze_results: error:")
+
+
+# ----------------------------------------------------------------- offline detector replay
+
+
+def test_detectors_mode_replays_recorded_streams_with_strict_scoring(tmp_path, capsys):
+    """A recorded stream whose obs_nll rises by 1 std at each of the 2 switches (agent steps
+    3500 and 6500) and whose latent_kl is pure noise: CUSUM finds both rises within one
+    episode (500 agent steps), the sigma rule neither, and on the noise CUSUM finds nothing."""
+    config = {**ar.config_defaults(), **base_config(crl_tasks=[0, 1, 2], crl_steps_per_task=3000, prefill=500,
+                                                    time_limit=1000, llcd_max_delay=0)}
+    run = write_run(tmp_path / "run", config, [{"step": 19000, "task_0_eval_return": 1.0}])
+    steps = np.arange(500, 9500)
+    rng = np.random.default_rng(0)
+    level = (steps >= 3500).astype(float) + (steps >= 6500)
+    np.savez(tmp_path / "run" / ar.SCORES_FILE, step=steps, obs_nll=rng.normal(size=len(steps)) + level,
+             latent_kl=rng.normal(size=len(steps)))
+    assert ar.main([run, "--detectors", "--out", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "detectors.csv") as f:
+        rows = {(r["run"].startswith("all"), r["score"], r["detector"]): r for r in csv.DictReader(f)}
+    assert len(rows) == 8  # 2 scores x 2 detectors, per run and pooled
+    cusum, sigma = rows[(False, "obs_nll", "cusum")], rows[(False, "obs_nll", "threshold")]
+    assert (cusum["hits"], cusum["misses"], float(cusum["hit_rate"])) == ("2", "0", 1.0)
+    assert 0 < float(cusum["median_delay"]) <= 500
+    assert (sigma["hits"], sigma["misses"]) == ("0", "2")
+    noise = rows[(False, "latent_kl", "cusum")]
+    assert noise["hits"] == "0" and noise["false_alarms"] == "0"
+    assert rows[(True, "obs_nll", "cusum")]["hits"] == "2"
+    assert "obs_nll" in capsys.readouterr().out
+
+
+def test_detectors_mode_without_recorded_streams_is_a_clear_error(tmp_path):
+    run = write_run(tmp_path / "run", base_config(), [{"step": 100, "task_0_eval_return": 1.0}])
+    result = subprocess.run([sys.executable, "analyze_results.py", run, "--detectors"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "llcd_scores.npz" in result.stderr and "Traceback" not in result.stderr
