@@ -74,7 +74,7 @@ class Dreamer(nn.Module):
         mode: 'train' samples actions (and z), 'eval' takes the modes. Returns (actions (N, A), state);
         with LLCD, ``state`` also holds each env's candidate surprise scores ``surprise``
         {name: (N,)} (NaN at episode starts) and the context mean ``z`` (N, Z) used for this step."""
-        data = self.wm.preprocess({k: v for k, v in obs.items() if k in ("state", "image", "is_first")})
+        data = self.wm.preprocess({k: v for k, v in obs.items() if k in ("state", "image", "is_first", "reward")})
         if state is None:
             state = self.initial_state(data["is_first"].shape[0], data["is_first"].device)
         action, z = state["action"], None
@@ -230,7 +230,7 @@ class ChangeMonitor:
     detector`` would act with an untrained context encoder until the first detection).
     """
 
-    SCORES = ("obs_nll", "latent_kl")
+    SCORES = ("obs_nll", "latent_kl", "reward_nll")
     FILE = "llcd_scores.npz"
 
     def __init__(self, config):
@@ -245,7 +245,7 @@ class ChangeMonitor:
 
     def observe(self, surprise, agent_step):
         """Feed one policy call's candidate scores {name: (N,)}; True when it declares a change."""
-        means = {name: finite_mean(surprise[name]) for name in self.SCORES}
+        means = {name: finite_mean(surprise[name]) if name in surprise else math.nan for name in self.SCORES}
         self.stream["step"].append(agent_step)
         for name, value in means.items():
             self.stream[name].append(value)

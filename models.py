@@ -137,13 +137,18 @@ class WorldModel(nn.Module):
         prediction from the previous posterior and action (``deter`` of post).
         - ``obs_nll``: NLL of the observation under the decoder applied to the prior's mode;
         - ``latent_kl``: KL[posterior || prior] of the stochastic latent (nats), how far the
-          observation moved the model's belief from what its dynamics predicted."""
+          observation moved the model's belief from what its dynamics predicted;
+        - ``reward_nll`` (when ``data`` holds the step's reward): its NLL under the reward head
+          on the prior's mode."""
         logit = self.dynamics.prior_logit(post["deter"])  # (N, S, K)
         prior = {"deter": post["deter"], "stoch": networks.OneHotCategorical(logit, self.config.unimix_ratio).mode()}
-        dists = self.decoder(self.dynamics.feat(prior))
-        scores = {"obs_nll": sum(-dist.log_prob(data[key]) for key, dist in dists.items()),  # (N,)
-                  "latent_kl": networks.categorical_kl(networks.unimix_log_probs(post["logit"], self.config.unimix_ratio),
-                                                       networks.unimix_log_probs(logit, self.config.unimix_ratio))}
+        feat = self.dynamics.feat(prior)  # (N, F)
+        mix = self.config.unimix_ratio
+        scores = {"obs_nll": sum(-dist.log_prob(data[key]) for key, dist in self.decoder(feat).items()),  # (N,)
+                  "latent_kl": networks.categorical_kl(networks.unimix_log_probs(post["logit"], mix),
+                                                       networks.unimix_log_probs(logit, mix))}
+        if "reward" in data:
+            scores["reward_nll"] = -self.reward(feat).log_prob(data["reward"])
         first = data["is_first"].bool()
         return {name: score.float().masked_fill(first, float("nan")) for name, score in scores.items()}
 

@@ -45,7 +45,7 @@ CHOICES = {
     "replay": ("fifo", "reservoir"),
     "crl_switch": ("immediate", "episode"),
     "llcd_gate": ("detector", "always", "never"),
-    "llcd_score": ("obs_nll", "latent_kl"),
+    "llcd_score": ("obs_nll", "latent_kl", "reward_nll"),
     "llcd_detector": ("threshold", "cusum"),
 }
 
@@ -822,6 +822,7 @@ class Driver:
         self.before_reset = before_reset  # called with the env index before each reset
         self.obs = [None] * len(envs)
         self.returns = np.zeros(len(envs))
+        self.rewards = np.zeros(len(envs), np.float32)  # each env's last reward, shown to the policy
         self.lengths = np.zeros(len(envs), dtype=np.int64)
         self.state = None
 
@@ -833,7 +834,7 @@ class Driver:
         for i, promise in promises:
             obs = promise()
             self.obs[i] = obs
-            self.returns[i], self.lengths[i] = 0.0, 0
+            self.returns[i], self.rewards[i], self.lengths[i] = 0.0, 0.0, 0
             self.record(i, obs, np.zeros(self.envs[i].action_space.shape, np.float32), 0.0, 1.0)
 
     def record(self, index, obs, action, reward, discount):
@@ -852,12 +853,14 @@ class Driver:
             if needs_reset:
                 self.reset_envs(needs_reset)
             batch = {key: np.stack([obs[key] for obs in self.obs]) for key in self.obs[0]}
+            batch["reward"] = self.rewards.copy()  # (N,) the reward that came with each observation
             actions, self.state = policy(batch, self.state)  # (N, A)
             promises = [env.step(action) for env, action in zip(self.envs, actions)]
             for index, promise in enumerate(promises):
                 obs, reward, done, info = promise()
                 self.obs[index] = obs
                 self.returns[index] += reward
+                self.rewards[index] = reward
                 self.lengths[index] += 1
                 self.record(index, obs, actions[index], reward, info.get("discount", 1.0))
                 if done:

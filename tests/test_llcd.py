@@ -243,17 +243,22 @@ def test_surprise_is_nan_at_episode_starts_and_grows_with_prediction_error():
     config = llcd_config()
     torch.manual_seed(0)
     agent = dreamer.Dreamer(dreamer_obs_space(), dreamer_act_space(), config)
-    obs = {"state": np.zeros((2, OBS_DIM), np.float32), "is_first": np.array([True, False])}
+    with torch.no_grad():  # the zero-initialised reward head predicts every reward alike: make it expect 0
+        agent.wm.reward.head.bias[len(agent.wm.reward.bins) // 2] = 10.0
+    reward = np.zeros(2, np.float32)
+    obs = {"state": np.zeros((2, OBS_DIM), np.float32), "is_first": np.array([True, False]), "reward": reward}
     _, state = agent.policy(obs, None, "eval")
     assert set(state["surprise"]) == set(dreamer.ChangeMonitor.SCORES)
     for score in state["surprise"].values():
         assert math.isnan(score[0]) and math.isfinite(score[1])
     assert state["z"].shape == (2, config.llcd_context_dim)
-    near = {"state": np.zeros((2, OBS_DIM), np.float32), "is_first": np.array([False, False])}
-    far = {"state": np.full((2, OBS_DIM), 50.0, np.float32), "is_first": np.array([False, False])}
+    near = {"state": np.zeros((2, OBS_DIM), np.float32), "is_first": np.array([False, False]), "reward": reward}
+    far = {"state": np.full((2, OBS_DIM), 50.0, np.float32), "is_first": np.array([False, False]),
+           "reward": np.full(2, 100.0, np.float32)}
     _, near_state = agent.policy(near, state, "eval")
     _, far_state = agent.policy(far, state, "eval")
-    assert (far_state["surprise"]["obs_nll"] > near_state["surprise"]["obs_nll"]).all()
+    for name in ("obs_nll", "reward_nll"):
+        assert (far_state["surprise"][name] > near_state["surprise"][name]).all(), name
 
 
 def test_latent_kl_is_the_kl_of_the_posterior_from_the_one_step_prior():

@@ -196,6 +196,7 @@ def test_driver_two_envs_episodes_transitions_and_returns(tmp_path):
 
     def policy(obs, state):
         assert obs["state"].shape == (2, 1) and obs["is_first"].shape == (2,)
+        assert np.array_equal(obs["reward"], obs["state"][:, 0])  # CountingEnv: reward t with state t
         calls.append(obs["is_first"].copy())
         count = 0 if state is None else state
         return np.full((2, 2), 0.5, np.float32) * np.array([[1.0], [-1.0]], np.float32), count + 1
