@@ -77,7 +77,7 @@ class Dreamer(nn.Module):
         data = self.wm.preprocess({k: v for k, v in obs.items() if k in ("state", "image", "is_first", "reward")})
         if state is None:
             state = self.initial_state(data["is_first"].shape[0], data["is_first"].device)
-        action, z = state["action"], None
+        action, z = state["action"], None  # the action that led to this observation
         with tools.autocast(self.config.precision, self.config.device):
             embed = self.wm.encoder(data)  # (N, E)
             if self.wm.context is not None:
@@ -92,7 +92,9 @@ class Dreamer(nn.Module):
         new_state = {"latent": latent, "action": action}
         if z is not None:
             scores = self.wm.surprise(latent, data)
-            new_state.update(context=context, z=mean.float().cpu().numpy(),
+            scores["openloop_nll"], openloop = self.wm.openloop_surprise(state["openloop"], latent, state["action"],
+                                                                         z, data)
+            new_state.update(context=context, openloop=openloop, z=mean.float().cpu().numpy(),
                              surprise={name: score.cpu().numpy() for name, score in scores.items()})
         return action.cpu().numpy(), new_state
 
@@ -100,6 +102,7 @@ class Dreamer(nn.Module):
         state = {"latent": self.wm.dynamics.initial(batch), "action": torch.zeros(batch, self.action_dim, device=device)}
         if self.wm.context is not None:
             state["context"] = self.wm.context.initial(batch, self.wm.encoder.out_dim, device)
+            state["openloop"] = self.wm.initial_openloop(batch)
         return state
 
     def train_step(self, batch, adapt=False):
@@ -230,7 +233,7 @@ class ChangeMonitor:
     detector`` would act with an untrained context encoder until the first detection).
     """
 
-    SCORES = ("obs_nll", "latent_kl", "reward_nll")
+    SCORES = ("obs_nll", "latent_kl", "reward_nll", "openloop_nll")
     FILE = "llcd_scores.npz"
 
     def __init__(self, config):

@@ -153,6 +153,34 @@ class WorldModel(nn.Module):
         return {name: score.float().masked_fill(first, float("nan")) for name, score in scores.items()}
 
     @torch.no_grad()
+    def openloop_surprise(self, openloop, post, action, context, data):
+        """LLCD candidate score ``openloop_nll``: NLL of the observation under a prediction made
+        ``llcd_openloop_horizon`` steps earlier and rolled forward open loop (prior modes, the
+        actions taken), so that errors of the learned dynamics accumulate instead of being
+        corrected by each observation. ``openloop``: {latent: state dict (N, ...), age: (N,)}
+        (``initial_openloop``); post: this step's posterior; action (N, A): the action that led
+        here; context (N, Z) or None. Returns (score (N,), NaN except where a prediction
+        reaches its horizon; the next ``openloop``), re-anchored on the posterior there and at
+        episode starts."""
+        keys = ("deter", "stoch", "logit")
+        state = {key: openloop["latent"][key] for key in keys}
+        if context is not None:
+            state["context"] = context
+        predicted = self.dynamics.img_step(state, action, sample=False)
+        age = openloop["age"] + 1  # (N,)
+        first = data["is_first"].bool()
+        due = (age >= self.config.llcd_openloop_horizon) & ~first
+        nll = sum(-dist.log_prob(data[key]) for key, dist in self.decoder(self.dynamics.feat(predicted)).items())
+        anchor = due | first
+        latent = {key: torch.where(anchor.view(-1, *[1] * (post[key].dim() - 1)), post[key], predicted[key])
+                  for key in keys}
+        return nll.float().masked_fill(~due, float("nan")), {"latent": latent, "age": torch.where(anchor, 0, age)}
+
+    def initial_openloop(self, batch):
+        return {"latent": self.dynamics.initial(batch),
+                "age": torch.zeros(batch, dtype=torch.long, device=self.dynamics.initial_deter.device)}
+
+    @torch.no_grad()
     def video_pred(self, data, observed=5, count=6):
         """Open-loop prediction video: observe ``observed`` frames, imagine the rest.
         Returns uint8 (count, T, H, 3*W): truth | model | error, side by side."""

@@ -474,13 +474,15 @@ class RSSM(nn.Module):
         post, _ = self.observe(embed[:, None], action[:, None], is_first[:, None], state, context)
         return {key: value[:, 0] for key, value in post.items()}
 
-    def img_step(self, state, action):
-        """One prior step: state (N,...), action (N,A) -> next state sampled from the prior.
-        A ``context`` in ``state`` conditions the step and is carried to the next state."""
+    def img_step(self, state, action, sample=True):
+        """One prior step: state (N,...), action (N,A) -> next state sampled from the prior
+        (its mode if not ``sample``). A ``context`` in ``state`` conditions the step and is
+        carried to the next state."""
         context = state.get("context")
         deter = self.recur(state["stoch"], self.input_projection(action, context), state["deter"])
         logit = self.prior_logit(deter)
-        nxt = {"deter": deter, "stoch": OneHotCategorical(logit, self.unimix).sample(), "logit": logit}
+        prior = OneHotCategorical(logit, self.unimix)
+        nxt = {"deter": deter, "stoch": prior.sample() if sample else prior.mode(), "logit": logit}
         if context is not None:
             nxt["context"] = context
         return nxt

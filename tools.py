@@ -45,7 +45,7 @@ CHOICES = {
     "replay": ("fifo", "reservoir"),
     "crl_switch": ("immediate", "episode"),
     "llcd_gate": ("detector", "always", "never"),
-    "llcd_score": ("obs_nll", "latent_kl", "reward_nll"),
+    "llcd_score": ("obs_nll", "latent_kl", "reward_nll", "openloop_nll"),
     "llcd_detector": ("threshold", "cusum"),
 }
 
@@ -205,7 +205,7 @@ def validate(config):
                 "eval_every", "log_every", "checkpoint_every", "dataset_size", "replay_chunk", "imag_horizon",
                 "llcd_context_len", "llcd_context_dim", "llcd_units", "llcd_lr", "llcd_smoothing", "llcd_history_window",
                 "llcd_sigma", "llcd_patience", "llcd_burn_in", "llcd_cusum_drift", "llcd_false_alarms_per_100k",
-                "nonfinite_limit"]
+                "llcd_openloop_horizon", "nonfinite_limit"]
     for key in positive:
         if config[key] <= 0:
             raise ConfigError(f"'{key}' must be > 0, got {config[key]}")

@@ -249,8 +249,8 @@ def test_surprise_is_nan_at_episode_starts_and_grows_with_prediction_error():
     obs = {"state": np.zeros((2, OBS_DIM), np.float32), "is_first": np.array([True, False]), "reward": reward}
     _, state = agent.policy(obs, None, "eval")
     assert set(state["surprise"]) == set(dreamer.ChangeMonitor.SCORES)
-    for score in state["surprise"].values():
-        assert math.isnan(score[0]) and math.isfinite(score[1])
+    for name, score in state["surprise"].items():
+        assert math.isnan(score[0]) and (math.isfinite(score[1]) or name == "openloop_nll")
     assert state["z"].shape == (2, config.llcd_context_dim)
     near = {"state": np.zeros((2, OBS_DIM), np.float32), "is_first": np.array([False, False]), "reward": reward}
     far = {"state": np.full((2, OBS_DIM), 50.0, np.float32), "is_first": np.array([False, False]),
@@ -280,6 +280,40 @@ def test_latent_kl_is_the_kl_of_the_posterior_from_the_one_step_prior():
     p = (1 - mix) * torch.softmax(post_logit[1], -1) + mix / config.dyn_discrete
     q = (1 - mix) * torch.softmax(prior_logit[1], -1) + mix / config.dyn_discrete
     assert float(kl[1]) == pytest.approx(float((p * (p.log() - q.log())).sum()), rel=1e-4)
+
+
+def test_openloop_score_is_the_nll_of_an_h_step_open_loop_prediction():
+    """openloop_nll is scored every llcd_openloop_horizon (3) steps: the NLL of the observation
+    under the prior-mode rollout from the posterior 3 steps back with the actions taken;
+    NaN in between, and an episode start re-anchors it (env 1 at step 4: scored at 7)."""
+    config = llcd_config("--llcd_openloop_horizon", "3")
+    torch.manual_seed(0)
+    wm = models.WorldModel({"state": (OBS_DIM,)}, ACTION_DIM, config)
+    posts = [{key: value for key, value in wm.dynamics.initial(2).items()}]
+    steps = 8
+    actions = torch.rand(steps, 2, ACTION_DIM) * 2 - 1
+    observations = torch.randn(steps, 2, OBS_DIM)
+    first = torch.zeros(steps, 2, dtype=torch.bool)
+    first[0] = True
+    first[4, 1] = True  # env 1 starts a new episode at step 4
+    openloop, scores = wm.initial_openloop(2), []
+    z = torch.zeros(2, config.llcd_context_dim)
+    with torch.no_grad():
+        for t in range(steps):
+            data = {"state": observations[t], "is_first": first[t]}
+            post = {key: value + 0.1 * t for key, value in posts[0].items()}  # any posterior will do
+            posts.append(post)
+            score, openloop = wm.openloop_surprise(openloop, post, actions[t], z, data)
+            scores.append(score)
+        scored = torch.stack(scores)  # (T, N)
+        assert torch.isfinite(scored).tolist() == [[False, False], [False, False], [False, False], [True, True],
+                                                   [False, False], [False, False], [True, False], [False, True]]
+        # env 0 at step 6: anchored on the posterior of step 3, rolled with the actions of steps 4, 5, 6
+        state = {**{key: posts[4][key][:1] for key in ("deter", "stoch", "logit")}, "context": z[:1]}
+        for t in (4, 5, 6):
+            state = wm.dynamics.img_step(state, actions[t, :1], sample=False)
+        expected = -wm.decoder(wm.dynamics.feat(state))["state"].log_prob(observations[6, :1])
+        torch.testing.assert_close(scored[6, :1], expected.float())
 
 
 def test_monitor_records_every_candidate_score_and_feeds_the_configured_one():
@@ -419,4 +453,5 @@ def test_llcd_run_logs_score_gate_probe_and_resumes_the_detector(tmp_path, monke
     with np.load(tmp_path / dreamer.ChangeMonitor.FILE) as recorded:
         assert recorded["step"].tolist() == list(range(100, 300))
         for name in dreamer.ChangeMonitor.SCORES:
-            assert len(recorded[name]) == 200 and np.isfinite(recorded[name]).mean() > 0.9
+            every = 8 if name == "openloop_nll" else 1  # scored every llcd_openloop_horizon calls
+            assert len(recorded[name]) == 200 and np.isfinite(recorded[name]).mean() > 0.9 / every
