@@ -174,6 +174,7 @@ class Schedule:
         self.tasks = list(config.crl_tasks)
         self.steps_per_task = config.crl_steps_per_task
         self.prefill = config.prefill
+        self.ramp = config.get("crl_ramp", 0)
 
     @property
     def active(self):
@@ -197,6 +198,15 @@ class Schedule:
             end = self.prefill + index * self.steps_per_task
             if end > agent_step:
                 return end
+        return None
+
+    def blend_at(self, agent_step):
+        """(previous task, task, fraction) while the physics ramps into a window after a switch
+        (``crl_ramp`` agent steps, in 100 equal increments), else None."""
+        for _, start, _ in self.switches() if self.ramp else []:
+            if start <= agent_step < start + self.ramp:
+                window = (start - self.prefill) // self.steps_per_task
+                return self.tasks[window - 1], self.tasks[window], (agent_step - start) * 100 // self.ramp / 100
         return None
 
     def first_window_end(self, task):
@@ -355,9 +365,11 @@ class Run:
         self.logger = tools.Logger(self.logdir, self.env_step, self.restored_rows, exclude_from_jsonl=wall_clock)
         self.metrics, self.episode_stats = {}, []
         self.driver = tools.Driver(self.train_envs, self.replay, before_reset=self.apply_pending_task)
+        self.blend = None  # (previous task, task, fraction) the train envs run during a ramp
         if self.schedule.active:
             self.task = self.schedule.task_at(self.agent_step)
             set_task(self.train_envs, self.task)
+            self.follow_ramp()
         self.last = {"log": self.env_step, "eval": self.restored_eval, "ckpt": self.env_step, "time": time.time(),
                      "log_step": self.env_step, "log_updates": self.updates}
 
@@ -376,6 +388,19 @@ class Run:
     def follow_schedule(self):
         if self.schedule.active and self.schedule.task_at(self.agent_step) != self.task:
             self.switch_task(self.schedule.task_at(self.agent_step), self.config.crl_switch == "immediate")
+        self.follow_ramp()
+
+    def follow_ramp(self):
+        """During a ``crl_ramp`` move the train envs' physics one increment at a time toward the
+        window's task; at the ramp's end they run exactly that task."""
+        blend = self.schedule.blend_at(self.agent_step) if self.schedule.active else None
+        if blend == self.blend:
+            return
+        for env in self.train_envs if blend else []:
+            env.call("blend_tasks", *blend)
+        if blend is None:
+            set_task(self.train_envs, self.task)
+        self.blend = blend
 
     def switch_task(self, task, immediate):
         """Move every train env to ``task`` now, or at each env's next episode start."""

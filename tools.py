@@ -272,6 +272,11 @@ def validate_schedule(config):
     if config["crl_steps_per_task"] % envs or config["prefill"] % envs:
         raise ConfigError(f"'crl_steps_per_task' and 'prefill' must be multiples of envs ({envs}) "
                           "so that every env switches exactly at the task boundary")
+    if not 0 <= config["crl_ramp"] <= config["crl_steps_per_task"]:
+        raise ConfigError(f"'crl_ramp' ({config['crl_ramp']}) must lie in [0, crl_steps_per_task "
+                          f"({config['crl_steps_per_task']})]: a ramp happens inside its window")
+    if config["crl_ramp"] and config["crl_switch"] != "immediate":
+        raise ConfigError("'crl_ramp' needs crl_switch immediate: a ramp moves every train env at once")
 
 
 def resolve_device(name):

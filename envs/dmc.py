@@ -141,6 +141,10 @@ FACTORS = {
     "actuator_scale": "multiplies the force or torque of every motor",
 }
 
+# The value of each factor that leaves the physics as it is (gravity: the model's own).
+NEUTRAL = {"wind": 0.0, "mass_scale": 1.0, "friction_scale": 1.0, "damping_scale": 1.0, "joint_friction": 0.0,
+           "actuator_scale": 1.0}
+
 # Every model array a factor may change; set_task copies all of them back before applying a task.
 BASELINE_FIELDS = (
     "opt.gravity",
@@ -194,6 +198,7 @@ APPLY_FACTOR = {
     "actuator_scale": _scale_actuators,
 }
 assert APPLY_FACTOR.keys() == FACTORS.keys()
+assert NEUTRAL.keys() | {"gravity"} == FACTORS.keys()
 
 
 def actuated_dofs(model):
@@ -293,12 +298,28 @@ class ContinualDMC(DeepMindControl):
     def set_task(self, task_id):
         """Switch the physics to task ``task_id``; takes effect immediately and survives resets."""
         task_id = self._valid_id(task_id)
+        self._apply_factors(self._tasks[task_id])
+        self._label(task_id)
+
+    def blend_tasks(self, source, target, fraction):
+        """Physics ``fraction`` (0..1) of the way from task ``source`` to task ``target``: every
+        factor of either moves linearly between its values there (a factor a task does not
+        set is at its neutral value), for gradual changes. Labelled as ``target``."""
+        a, b = self._tasks[self._valid_id(source)], self._tasks[self._valid_id(target)]
+        neutral = {**NEUTRAL, "gravity": float(self._baseline["opt.gravity"][2])}
+        self._apply_factors({name: (1 - fraction) * a.get(name, neutral[name]) + fraction * b.get(name, neutral[name])
+                             for name in {**a, **b}})
+        self._label(self._valid_id(target))
+
+    def _apply_factors(self, factors):
         self._restore_baseline()
-        for name, value in self._tasks[task_id].items():
+        for name, value in factors.items():
             APPLY_FACTOR[name](self, value)
         self._set_const()  # masses changed: refresh derived constants
         self._apply_wind()
         self.physics.forward()
+
+    def _label(self, task_id):
         self.task_id = task_id
         self._task_id_obs = np.int32(task_id)  # built once, not on every step
 

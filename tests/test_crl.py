@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import dreamer  # noqa: E402
+from envs import dmc  # noqa: E402
 import tools  # noqa: E402
 from runs import crash_training_at, read_rows, replay_steps, run_main  # noqa: E402
 
@@ -44,6 +45,36 @@ def test_schedule_windows():
     assert schedule.first_window_end(2) == 400
 
 
+def test_ramp_blends_in_100_increments_after_each_switch():
+    config = tools.load_config(CRL + ["--crl_ramp", "50"])
+    schedule = dreamer.Schedule(config)
+    # the switch into window 1 (task 1) is at agent step 200
+    assert schedule.blend_at(199) is None and schedule.blend_at(250) is None
+    assert schedule.blend_at(200) == (0, 1, 0.0) and schedule.blend_at(201) == (0, 1, 0.02)
+    assert schedule.blend_at(249) == (0, 1, 0.98) and schedule.blend_at(300) == (1, 2, 0.0)
+    assert dreamer.Schedule(tools.load_config(CRL)).blend_at(200) is None
+
+
+def test_a_ramped_run_moves_the_physics_gradually_then_runs_the_task(tmp_path, monkeypatch):
+    """crl_tasks [0, 3] (gravity -9.81 -> -25) with a 50-step ramp: the train env's gravity
+    falls step by step through the ramp and is the task's own from its end on."""
+    seen = []
+    original = dmc.ContinualDMC.set_task
+
+    def record(blend):
+        def step(env, *args):
+            blend(env, *args)
+            seen.append(env.physics_values()["gravity"])
+        return step
+
+    monkeypatch.setattr(dmc.ContinualDMC, "blend_tasks", record(dmc.ContinualDMC.blend_tasks))
+    monkeypatch.setattr(dmc.ContinualDMC, "set_task", record(original))
+    run_main(CRL + ["--logdir", str(tmp_path), "--crl_tasks", "[0, 3]", "--crl_ramp", "50", "--eval_episode_num", "0"])
+    ramp = [g for g in seen if -25.0 < g < -9.81]
+    assert len(ramp) == 49 and all(np.diff(ramp) < 0)  # fractions 0.02 .. 0.98 between the two ends
+    assert seen[-1] == pytest.approx(-25.0)
+
+
 def test_forgetting_definitions():
     history = [(100, 10.0), (200, 50.0), (300, 40.0), (400, 5.0)]
     assert dreamer.forgetting(history, window_end=300, now_value=5.0) == (35.0, 45.0)
@@ -55,6 +86,8 @@ def test_forgetting_definitions():
     (["--envs", "3"], "multiples of envs"),
     (["--replay", "random"], "replay"),
     (["--crl_switch", "later"], "crl_switch"),
+    (["--crl_ramp", "101"], "crl_ramp"),
+    (["--crl_ramp", "50", "--crl_switch", "episode"], "crl_ramp"),
 ])
 def test_bad_schedule_is_a_config_error(args, message):
     with pytest.raises(tools.ConfigError, match=message):

@@ -100,6 +100,24 @@ def test_baseline_restored_exactly_after_any_sequence_of_tasks(domain):
     assert vp.model_differences(env, fresh) == []
 
 
+def test_blend_moves_every_factor_linearly_between_two_tasks():
+    """cartpole task 0 (standard) -> 3 (gravity -25) and 0 -> 1 (wind 0.5): halfway is halfway
+    for a factor both or only one task sets; the ends are the tasks themselves exactly."""
+    env = make("cartpole")
+    env.blend_tasks(0, 3, 0.5)
+    assert env.physics_values()["gravity"] == pytest.approx((-9.81 - 25.0) / 2)
+    assert env.task_id == 3  # labelled as the task it ramps to
+    env.blend_tasks(0, 1, 0.25)
+    env.reset()
+    assert env.physics_values()["wind"] == pytest.approx(0.25 * 0.5)
+    for source, target, fraction, same_as in [(2, 3, 1.0, 3), (2, 3, 0.0, 2), (4, 6, 1.0, 6)]:
+        env.blend_tasks(source, target, fraction)
+        blended = {k: v for k, v in env.physics_values().items() if k != "task_id"}
+        env.set_task(same_as)
+        exact = {k: v for k, v in env.physics_values().items() if k != "task_id"}
+        assert blended == pytest.approx(exact), (source, target, fraction)
+
+
 def test_task_survives_reset_and_the_suites_automatic_reset():
     env = make("cartpole")
     heavy, low_g = task_with("cartpole", "mass_scale"), task_with("cartpole", "gravity")
