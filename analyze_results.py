@@ -1157,16 +1157,8 @@ def config_defaults() -> dict:
 def replay_stream(values: np.ndarray, steps: np.ndarray, settings: dict, name: str) -> list:
     """Agent steps at which detector ``name`` declares a change on a recorded score stream,
     smoothed as the live run smoothed it (mean of the last ``llcd_smoothing`` finite values)."""
-    found, recent = [], []
-    instance = detector.from_config(settings, name)
-    for step, value in zip(steps.tolist(), values.tolist()):
-        score = math.nan
-        if math.isfinite(value):
-            recent = (recent + [value])[-settings["llcd_smoothing"]:]
-            score = sum(recent) / len(recent)
-        if instance.update(score):
-            found.append(step)
-    return found
+    instance, smoothing = detector.from_config(settings, name), detector.MovingMean(settings["llcd_smoothing"])
+    return [step for step, value in zip(steps.tolist(), values.tolist()) if instance.update(smoothing.update(value))]
 
 
 def detector_rows(run: Run, defaults: dict) -> list:

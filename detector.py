@@ -43,11 +43,12 @@ verbatim, so a resumed detector is bit-for-bit identical to one that never
 stopped.
 """
 
+import collections
 import math
 
 import numpy as np
 
-__all__ = ["ChangeDetector", "CusumDetector", "AdaptationGate", "DETECTORS", "from_config", "detection_report",
+__all__ = ["ChangeDetector", "CusumDetector", "AdaptationGate", "MovingMean", "DETECTORS", "from_config", "detection_report",
            "chance_hit_rate", "resolve_max_delay"]
 
 
@@ -410,6 +411,20 @@ class AdaptationGate:
 
     def load_state_dict(self, state):
         self.remaining = int(state["remaining"])
+
+
+class MovingMean:
+    """Smoothing of a score stream: the mean of the last ``window`` finite values fed;
+    a non-finite value is skipped and gives NaN."""
+
+    def __init__(self, window):
+        self.values = collections.deque(maxlen=window)
+
+    def update(self, value):
+        if not math.isfinite(value):
+            return math.nan
+        self.values.append(value)
+        return sum(self.values) / len(self.values)
 
 
 def from_config(config, name=None):

@@ -16,7 +16,6 @@ checkpoint, a failed save and repeated non-finite updates end the run with
 one ``error: ...`` line naming the fix.
 """
 
-import collections
 import errno
 import functools
 import io
@@ -251,7 +250,7 @@ class ChangeMonitor:
         self.gate = detector.AdaptationGate(config.llcd_gate, config.llcd_adapt_updates)
         self.max_delay = detector.resolve_max_delay(config.llcd_max_delay, config.time_limit, config.action_repeat)
         self.score_name = config.llcd_score
-        self.recent = collections.deque(maxlen=config.llcd_smoothing)
+        self.recent = detector.MovingMean(config.llcd_smoothing)
         self.detections = []  # agent steps
         self.scores = []  # detector inputs since the last log
         self.stream = {key: [] for key in ("step", *self.SCORES)}  # every call's candidate scores
@@ -262,10 +261,8 @@ class ChangeMonitor:
         self.stream["step"].append(agent_step)
         for name, value in means.items():
             self.stream[name].append(value)
-        score = math.nan
-        if math.isfinite(means[self.score_name]):
-            self.recent.append(means[self.score_name])
-            score = float(np.mean(self.recent))
+        score = self.recent.update(means[self.score_name])
+        if math.isfinite(score):
             self.scores.append(score)
         if not self.detector.update(score):
             return False
@@ -310,13 +307,13 @@ class ChangeMonitor:
 
     def state_dict(self):
         return {"detector": self.detector.state_dict(), "gate": self.gate.state_dict(),
-                "recent": list(self.recent), "detections": list(self.detections),
+                "recent": list(self.recent.values), "detections": list(self.detections),
                 "stream": {key: list(values) for key, values in self.stream.items()}}
 
     def load_state_dict(self, state):
         self.detector.load_state_dict(state["detector"])
         self.gate.load_state_dict(state["gate"])
-        self.recent.extend(state["recent"])
+        self.recent.values.extend(state["recent"])
         self.detections = list(state["detections"])
         for key, values in state.get("stream", {}).items():  # absent in older checkpoints
             self.stream[key] = list(values)
@@ -429,6 +426,9 @@ class Run:
 
     def restore(self, payload):
         load_agent(self.agent, payload, self.checkpoint_path, "pass another --logdir", optimizers=True)
+        if "chunks" not in payload["replay"]:
+            raise tools.ConfigError(f"checkpoint {self.checkpoint_path} holds an episode replay of a version "
+                                    "before replay chunks and cannot resume with this one: pass another --logdir")
         self.agent_step, self.updates = payload["agent_step"], payload["updates"]
         self.nonfinite_updates = payload.get("nonfinite_updates", 0)  # absent in older checkpoints
         self.restored_eval = payload["last_eval"]

@@ -420,6 +420,17 @@ def test_checkpoint_that_does_not_fit_the_agent_is_a_clear_error(finished_run, t
     assert "does not fit this agent" in message and "size mismatch" in message and "--logdir" in message
 
 
+def test_checkpoint_with_an_episode_replay_is_a_clear_error(finished_run, tmp_path):
+    """A run written before replay chunks (its checkpoint lists episodes) cannot resume."""
+    logdir = copy_run(finished_run, tmp_path)
+    payload = tools.load_checkpoint(logdir / "latest.pt", "cpu")
+    replay = payload["replay"]
+    payload["replay"] = {"seen": 2, "rng": replay["rng"], "episodes": ["20260101T000000000000-abc-101"]}
+    tools.save_checkpoint(logdir / "latest.pt", payload)
+    message = exit_message([*BASE, "--steps", "600", "--logdir", str(logdir)])
+    assert "episode replay" in message and "--logdir" in message
+
+
 def test_eval_only_with_flags_contradicting_the_checkpoint_is_an_error(finished_run):
     message = exit_message(["--eval_only", "True", "--checkpoint", str(finished_run / "latest.pt"),
                             "--task", "dmc_cup_catch", "--device", "cpu"])
