@@ -1157,7 +1157,7 @@ def config_defaults() -> dict:
 def replay_stream(values: np.ndarray, steps: np.ndarray, settings: dict, name: str) -> list:
     """Agent steps at which detector ``name`` declares a change on a recorded score stream,
     smoothed as the live run smoothed it (mean of the last ``llcd_smoothing`` finite values)."""
-    instance, smoothing = detector.from_config(settings, name), detector.MovingMean(settings["llcd_smoothing"])
+    instance, smoothing = detector.from_config(settings, name), detector.score_filter(settings)
     return [step for step, value in zip(steps.tolist(), values.tolist()) if instance.update(smoothing.update(value))]
 
 

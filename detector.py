@@ -48,7 +48,7 @@ import math
 
 import numpy as np
 
-__all__ = ["ChangeDetector", "CusumDetector", "AdaptationGate", "MovingMean", "DETECTORS", "from_config", "detection_report",
+__all__ = ["ChangeDetector", "CusumDetector", "AdaptationGate", "ScoreFilter", "score_filter", "DETECTORS", "from_config", "detection_report",
            "chance_hit_rate", "resolve_max_delay"]
 
 
@@ -280,36 +280,49 @@ class ChangeDetector:
 class CusumDetector:
     """One-sided CUSUM for small persistent rises of an autocorrelated score.
 
-    Baseline: a burn-in of at least ``2 * burn_in`` finite scores that ends once the score
-    has settled (``settled_baseline``: the newer ``burn_in`` scores are no longer lower than
-    the older ones; a world model that is still learning keeps lowering its surprise), or
-    after ``10 * burn_in`` scores at the latest. From the last ``2 * burn_in`` scores: mean
-    m, std s and lag-1 autocorrelation phi (clipped to [0, 0.99]).
+    Baseline: the mean m and long-run std s of the finite scores since the last declaration,
+    leaving out the newest ``lag`` (at most ``window`` of them, refreshed every
+    ``REFRESH`` calls). The lag is the detection deadline (``llcd_max_delay``): a change is
+    either declared within it or missed, so the scores it raised never enter the baseline it
+    is measured against, while the baseline still follows a world model that keeps learning
+    (its surprise keeps falling). s is the long-run std of an AR(1) stream,
+    std * sqrt((1 + phi) / (1 - phi)) with phi the lag-1 autocorrelation, so that sums of
+    z = (x - m) / s grow like a unit-variance random walk when nothing changed.
 
-    Each later score becomes z = (x - m) / (s * sqrt((1 + phi) / (1 - phi))): the long-run
-    std of an AR(1) stream, so that sums of z grow like a unit-variance random walk when
-    nothing changed. S = max(0, S + z - drift); a change is declared when S > h. h is set
-    for ``false_alarms_per_100k`` by Siegmund's approximation of the in-control average
-    run length, ARL0 = (exp(2 k b) - 2 k b - 1) / (2 k^2) with k = drift, b = h + 1.166.
+    S = max(0, S + min(z, Z_CLIP) - drift); a change is declared when S > h. The clip makes
+    one spike add at most Z_CLIP - drift: surprise streams are heavy-tailed, a persistent
+    rise is not a single spike. h is set for ``false_alarms_per_100k`` by Siegmund's
+    approximation of the in-control average run length, ARL0 = (exp(2 k b) - 2 k b - 1) /
+    (2 k^2) with k = drift, b = h + 1.166 (the clip only lowers the in-control rate).
     ``drift`` is half the smallest shift (in long-run std) it is built to catch quickly.
-    After a declaration: a new burn-in (re-baseline) and ``cooldown`` calls without one.
-    Non-finite scores are skipped. The baseline stays fixed between declarations: if the
-    score keeps falling after burn-in, a later rise must first climb back to it.
+
+    Burn-in, at the start and after each declaration: at least ``2 * burn_in`` finite
+    scores that have settled (``settled``: the newer half no longer lower than the older),
+    or ``10 * burn_in`` at the latest, and then ``lag`` more before it can alarm. A
+    declaration also starts ``cooldown`` calls without one. Non-finite scores are skipped.
     """
 
-    def __init__(self, burn_in=200, drift=0.1, false_alarms_per_100k=1.0, cooldown=1000):
+    REFRESH = 50
+    Z_CLIP = 3.0
+
+    def __init__(self, burn_in=200, drift=0.1, false_alarms_per_100k=1.0, cooldown=1000, window=5000, lag=500):
         _check_int("burn_in", burn_in, 4)
         _check_positive_float("drift", drift)
         _check_positive_float("false_alarms_per_100k", false_alarms_per_100k)
         _check_int("cooldown", cooldown, 0)
+        _check_int("window", window, 2 * burn_in)
+        _check_int("lag", lag, 0)
         self.burn_in, self.drift, self.cooldown = int(burn_in), float(drift), int(cooldown)
+        self.window, self.lag = int(window), int(lag)
         self.h = cusum_threshold(self.drift, 100_000 / false_alarms_per_100k)
         self.steps = 0
         self.cooldown_end = -1
         self.rebaseline()
 
     def rebaseline(self):
-        self.history, self.baseline, self.statistic = [], None, 0.0
+        self.history = collections.deque(maxlen=self.window + self.lag)  # finite scores since then
+        self.count, self.since_settled = 0, 0  # finite scores since then, and since they settled
+        self.settled, self.baseline, self.statistic = False, None, 0.0
 
     def update(self, score):
         """Feed one score; return True exactly when this call declares a change."""
@@ -317,12 +330,19 @@ class CusumDetector:
         x = float(score)
         if not math.isfinite(x):
             return False
-        if self.baseline is None:
-            self.history.append(x)
-            self.baseline = settled_baseline(self.history, self.burn_in)
+        self.history.append(x)
+        self.count += 1
+        if not self.settled:
+            self.settled = self.count >= 10 * self.burn_in or settled(self.history, self.burn_in)
             return False
+        self.since_settled += 1
+        if self.since_settled <= self.lag:
+            return False
+        if self.baseline is None or step % self.REFRESH == 0:
+            reference = list(self.history)[:len(self.history) - self.lag]
+            self.baseline = long_run_stats(np.asarray(reference[-self.window:]))
         mean, scale = self.baseline
-        self.statistic = max(0.0, self.statistic + (x - mean) / scale - self.drift)
+        self.statistic = cusum_step(self.statistic, (x - mean) / scale, self.drift)
         if self.statistic <= self.h or step < self.cooldown_end:
             return False
         self.cooldown_end = step + 1 + self.cooldown
@@ -335,29 +355,40 @@ class CusumDetector:
 
     def state_dict(self):
         return {"steps": self.steps, "cooldown_end": self.cooldown_end, "history": list(self.history),
+                "count": self.count, "settled": self.settled, "since_settled": self.since_settled,
                 "baseline": self.baseline, "statistic": self.statistic}
 
     def load_state_dict(self, state):
         self.steps, self.cooldown_end = state["steps"], state["cooldown_end"]
-        self.history, self.baseline, self.statistic = list(state["history"]), state["baseline"], state["statistic"]
+        self.history = collections.deque(state["history"], maxlen=self.window + self.lag)
+        self.count, self.settled, self.since_settled = state["count"], state["settled"], state["since_settled"]
+        self.baseline, self.statistic = state["baseline"], state["statistic"]
 
 
-def settled_baseline(history, burn_in):
-    """(mean, long-run std) of the last ``2 * burn_in`` scores once they have settled, else
-    None. Settled: the mean of the newer ``burn_in`` is not below that of the older
-    ``burn_in`` by more than two standard errors (or ``10 * burn_in`` scores have passed)."""
-    if len(history) < 2 * burn_in:
-        return None
-    recent = np.asarray(history[-2 * burn_in:])
-    centred = recent - recent.mean()
+def cusum_step(statistic, z, drift, clip=CusumDetector.Z_CLIP):
+    """One step of the clipped one-sided CUSUM recursion: max(0, S + min(z, clip) - drift)."""
+    return max(0.0, statistic + min(z, clip) - drift)
+
+
+def long_run_stats(values):
+    """(mean, long-run std) of a stream under an AR(1) model: std * sqrt((1 + phi) / (1 - phi)),
+    phi the lag-1 autocorrelation less its small-sample bias, clipped to [0, 0.99]."""
+    centred = values - values.mean()
     var = max(float(centred.var()), 1e-12)
     phi = float((centred[1:] * centred[:-1]).mean() / var)
-    phi = min(max(phi + (1 + 3 * phi) / len(recent), 0.0), 0.99)  # less the estimate's bias
-    scale = math.sqrt(var * (1 + phi) / (1 - phi))
-    falling = recent[burn_in:].mean() - recent[:burn_in].mean() < -2 * scale * math.sqrt(2 / burn_in)
-    if falling and len(history) < 10 * burn_in:
-        return None
-    return float(recent.mean()), scale
+    phi = min(max(phi + (1 + 3 * phi) / len(values), 0.0), 0.99)
+    return float(values.mean()), math.sqrt(var * (1 + phi) / (1 - phi))
+
+
+def settled(history, burn_in):
+    """True once the last ``2 * burn_in`` scores have settled: the mean of the newer
+    ``burn_in`` is not below that of the older by more than two standard errors (a world
+    model that is still learning keeps lowering its surprise)."""
+    if len(history) < 2 * burn_in:
+        return False
+    recent = np.asarray(list(history)[-2 * burn_in:])
+    _, scale = long_run_stats(recent)
+    return recent[burn_in:].mean() - recent[:burn_in].mean() >= -2 * scale * math.sqrt(2 / burn_in)
 
 
 def cusum_threshold(drift, arl0):
@@ -413,29 +444,41 @@ class AdaptationGate:
         self.remaining = int(state["remaining"])
 
 
-class MovingMean:
-    """Smoothing of a score stream: the mean of the last ``window`` finite values fed;
-    a non-finite value is skipped and gives NaN."""
+class ScoreFilter:
+    """What the detector sees of a score stream: optionally log(max(x, 0) + LOG_FLOOR)
+    (surprise scores are positive and heavy-tailed, and a change multiplies them; the floor
+    keeps near-zero scores from dominating), then the mean of the last ``smoothing`` finite
+    values. A non-finite value is skipped and gives NaN."""
 
-    def __init__(self, window):
-        self.values = collections.deque(maxlen=window)
+    LOG_FLOOR = 0.01  # nats
+
+    def __init__(self, smoothing, log=False):
+        self.values = collections.deque(maxlen=smoothing)
+        self.log = log
 
     def update(self, value):
         if not math.isfinite(value):
             return math.nan
-        self.values.append(value)
+        self.values.append(math.log(max(value, 0.0) + self.LOG_FLOOR) if self.log else value)
         return sum(self.values) / len(self.values)
 
 
 def from_config(config, name=None):
     """The detector ``name`` (default ``llcd_detector``) with the run config's LLCD settings:
-    the adaptive sigma rule (``threshold``) or ``cusum``. ``config``: any mapping."""
+    the adaptive sigma rule (``threshold``) or ``cusum`` (its baseline lags by
+    ``llcd_max_delay``). ``config``: any mapping."""
     name = name or config["llcd_detector"]
     if name == "cusum":
-        return CusumDetector(config["llcd_burn_in"], config["llcd_cusum_drift"],
-                             config["llcd_false_alarms_per_100k"], config["llcd_cooldown"])
+        lag = resolve_max_delay(config["llcd_max_delay"], config["time_limit"], config["action_repeat"])
+        return CusumDetector(config["llcd_burn_in"], config["llcd_cusum_drift"], config["llcd_false_alarms_per_100k"],
+                             config["llcd_cooldown"], config["llcd_cusum_window"], lag)
     return ChangeDetector(config["llcd_history_window"], config["llcd_sigma"], config["llcd_patience"],
                           config["llcd_burn_in"], config["llcd_std_floor"], config["llcd_cooldown"])
+
+
+def score_filter(config):
+    """The ``ScoreFilter`` of a run config (``llcd_smoothing``, ``llcd_log_score``)."""
+    return ScoreFilter(config["llcd_smoothing"], config["llcd_log_score"])
 
 
 DETECTORS = ("threshold", "cusum")

@@ -250,7 +250,7 @@ class ChangeMonitor:
         self.gate = detector.AdaptationGate(config.llcd_gate, config.llcd_adapt_updates)
         self.max_delay = detector.resolve_max_delay(config.llcd_max_delay, config.time_limit, config.action_repeat)
         self.score_name = config.llcd_score
-        self.recent = detector.MovingMean(config.llcd_smoothing)
+        self.recent = detector.score_filter(config)
         self.detections = []  # agent steps
         self.scores = []  # detector inputs since the last log
         self.stream = {key: [] for key in ("step", *self.SCORES)}  # every call's candidate scores

@@ -173,13 +173,19 @@ def apply_override(config, key, raw):
     parts = key.split(".")
     node, where = config, ""
     for part in parts[:-1]:
+        part = node_key(node, part)
         if part not in node or not isinstance(node[part], dict):
             raise ConfigError(f"unknown key '{where}{part}'{suggest(part, node)}")
         node, where = node[part], f"{where}{part}."
-    leaf = parts[-1]
+    leaf = node_key(node, parts[-1])
     if leaf not in node:
         raise ConfigError(f"unknown key '--{where}{leaf}'{suggest(leaf, node)}")
     node[leaf] = check_type(f"{where}{leaf}", node[leaf], parse_value(raw))
+
+
+def node_key(node, part):
+    """The key of ``node`` that the command-line ``part`` names (YAML keys may be ints: task ids)."""
+    return next((key for key in node if str(key) == part), part)
 
 
 def load_config(argv, path=ROOT / "configs.yaml"):
@@ -213,6 +219,9 @@ def validate(config):
                 "llcd_std_floor", "llcd_cooldown", "llcd_max_delay"):
         if config[key] < 0:
             raise ConfigError(f"'{key}' must be >= 0, got {config[key]}")
+    if config["llcd_cusum_window"] < 2 * config["llcd_burn_in"]:
+        raise ConfigError(f"'llcd_cusum_window' ({config['llcd_cusum_window']}) must be at least twice "
+                          f"'llcd_burn_in' ({config['llcd_burn_in']}): the baseline holds the burn-in")
     if config["llcd_burn_in"] > config["llcd_history_window"]:
         raise ConfigError(f"'llcd_burn_in' ({config['llcd_burn_in']}) must not exceed "
                           f"'llcd_history_window' ({config['llcd_history_window']})")
@@ -260,7 +269,7 @@ def validate_schedule(config):
         raise ConfigError(f"task '{config['task']}' has no continual-physics env (crl_tasks is set); "
                           f"continual tasks: {supported}")
     try:
-        known = [int(k) for k in dmc.domain_tasks(config["crl_task_defs"], domain)]
+        known = list(dmc.parse_tasks(dmc.domain_tasks(config["crl_task_defs"], domain), domain))
     except ValueError as error:
         raise ConfigError(str(error)) from None
     unknown = [t for t in config["crl_tasks"] if t not in known]

@@ -81,6 +81,13 @@ def test_cli_overrides_with_types():
     assert tools.load_config(["--precision", "16"]).precision == 16
 
 
+def test_integer_keyed_tables_take_overrides():
+    """Task ids are YAML ints: --crl_task_defs.cup.3 reaches task 3 of the cup table."""
+    config = tools.load_config(["--crl_task_defs.cup.3", "{gravity: -30.0}"])
+    assert config["crl_task_defs"]["cup"][3] == {"gravity": -30.0}
+    assert config["crl_task_defs"]["cup"][2] == {"gravity": -1.62}
+
+
 def test_unknown_key_suggests_closest():
     with pytest.raises(tools.ConfigError) as info:
         tools.load_config(["--bach_size", "4"])
@@ -122,6 +129,9 @@ def test_ill_typed_values_are_errors(argv, key):
     (["--batch_length", "100"], "replay_chunk"),  # a window spans at most two 64-step chunks
     (["--llcd", "True", "--llcd_context_len", "64"], "llcd_context_len"),  # its context comes from one chunk
     (["--envs", "0"], "envs"),
+    (["--llcd_cusum_window", "100"], "llcd_cusum_window"),  # below twice llcd_burn_in
+    (["--task", "dmc_cartpole_balance", "--crl_tasks", "[0, 6]", "--crl_steps_per_task", "100",
+      "--crl_task_defs.cartpole.6", "{actuator_scale: -1.0}"], "actuator_scale"),  # scales are > 0
 ])
 def test_impossible_values_are_errors(argv, key):
     with pytest.raises(tools.ConfigError) as info:
