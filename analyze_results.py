@@ -101,6 +101,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 import detector
 from detector import detection_report, resolve_max_delay
@@ -1145,6 +1146,7 @@ def write_plots(groups: list, out: str) -> list:
 # ----------------------------------------------------------------- offline detector replay
 
 SCORES_FILE = "llcd_scores.npz"
+SWITCH_COLUMNS = ("run", "score", "detector", "change", "agent_step", "outcome", "delay")
 DETECTOR_COLUMNS = ("run", "score", "detector", "switches", "hits", "misses", "hit_rate", "chance_hit_rate",
                     "median_delay", "false_alarms", "false_alarms_per_100k", "agent_steps")
 
@@ -1170,17 +1172,38 @@ def detector_rows(run: Run, defaults: dict) -> list:
     switches = [(w.start / repeat, w.end / repeat) for w in run.schedule.switches()]
     max_delay = resolve_max_delay(settings["llcd_max_delay"], settings["time_limit"], repeat)
     steps = int(stream["step"][-1]) + 1 if len(stream["step"]) else 0
-    rows = []
+    changes = switch_changes(run, settings)
+    rows, per_switch = [], []
     for score in (key for key in stream if key != "step"):
         for name in detector.DETECTORS:
             found = replay_stream(stream[score], stream["step"], settings, name)
             report = detection_report(found, switches, steps, max_delay, FALSE_ALARM_UNIT)
+            per_switch += [{"run": run.path, "score": score, "detector": name, "change": change,
+                            "agent_step": start, "outcome": outcome(delay, start + max_delay, steps),
+                            "delay": delay} for change, (start, _), delay in zip(changes, switches, report["delays"])]
             rows.append({"run": run.path, "score": score, "detector": name, "switches": len(switches),
                          "hits": report["hits"], "misses": report["misses"], "hit_rate": report["hit_rate"],
                          "chance_hit_rate": report["chance_hit_rate"], "median_delay": report["median_delay"],
                          "false_alarms": report["false_alarms"],
                          "false_alarms_per_100k": report["false_alarms_per_unit"], "agent_steps": steps})
-    return rows
+    return rows, per_switch
+
+
+def outcome(delay: float, deadline: float, steps: int) -> str:
+    """'hit', 'miss', or 'pending' (the run stopped before the switch's deadline)."""
+    return "hit" if math.isfinite(delay) else ("miss" if deadline <= steps else "pending")
+
+
+def switch_changes(run: Run, settings: dict) -> list:
+    """'<domain>: task k (<factors>)' of the task each switch of ``run`` goes to."""
+    domain = domain_of(settings.get("task", ""))
+    defs = (settings.get("crl_task_defs") or {}).get(domain, {})
+    labels = []
+    for window in run.schedule.switches():
+        factors = defs.get(window.task, defs.get(str(window.task), {})) or {}
+        text = ", ".join(f"{k} {v}" for k, v in factors.items()) or "standard"
+        labels.append(f"{domain}: task {window.task} ({text})")
+    return labels
 
 
 def pooled_detector_rows(rows: list) -> list:
@@ -1210,19 +1233,34 @@ def evaluate_detectors(runs: list, out: str) -> int:
             warn(f"{run.path}: no {SCORES_FILE} (an LLCD run of this version writes it); skipped")
     if not usable:
         fail(f"no run has {SCORES_FILE}; run dreamer.py with --llcd True first")
-    rows = []
+    rows, per_switch = [], []
     for index, run in enumerate(usable, 1):
         info(f"replaying {run.path} ({index}/{len(usable)})")
-        rows += detector_rows(run, defaults)
+        run_rows, run_switches = detector_rows(run, defaults)
+        rows, per_switch = rows + run_rows, per_switch + run_switches
     table = rows + pooled_detector_rows(rows)
     print(render_detector_table(table))
+    switches = pd.DataFrame(per_switch, columns=SWITCH_COLUMNS)
+    pair = (defaults["llcd_score"], defaults["llcd_detector"])
+    print(f"\nper change, default pair llcd_score={pair[0]}, llcd_detector={pair[1]} (pooled over runs):")
+    print(per_change_table(switches, *pair).to_string())
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "detectors.csv"), "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=DETECTOR_COLUMNS)
         writer.writeheader()
         writer.writerows(table)
-    info(f"wrote {os.path.join(out, 'detectors.csv')}")
+    switches.to_csv(os.path.join(out, "switches.csv"), index=False)
+    info(f"wrote {os.path.join(out, 'detectors.csv')} and switches.csv (every switch of every score x detector)")
     return 0
+
+
+def per_change_table(switches: "pd.DataFrame", score: str, name: str) -> "pd.DataFrame":
+    """Hits / decided switches and median hit delay per change of one score x detector pair."""
+    rows = switches[(switches["score"] == score) & (switches["detector"] == name) & (switches["outcome"] != "pending")]
+    grouped = rows.groupby("change", sort=False)
+    return pd.DataFrame({"hits": grouped["outcome"].apply(lambda o: int((o == "hit").sum())),
+                         "switches": grouped.size(), "median_delay": grouped["delay"].median(),
+                         "delays": grouped["delay"].apply(lambda d: " ".join(f"{x:.0f}" for x in d.dropna()))})
 
 
 def render_detector_table(rows: list) -> str:

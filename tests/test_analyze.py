@@ -397,6 +397,12 @@ def test_detectors_mode_replays_recorded_streams_with_strict_scoring(tmp_path, c
     assert noise["hits"] == "0" and noise["false_alarms"] == "0"
     assert rows[(True, "obs_nll", "cusum")]["hits"] == "2"
     assert "obs_nll" in capsys.readouterr().out
+    with open(tmp_path / "out" / "switches.csv") as f:
+        switches = [r for r in csv.DictReader(f) if (r["score"], r["detector"]) == ("obs_nll", "cusum")]
+    assert [(r["change"], r["agent_step"], r["outcome"]) for r in switches] == [
+        ("cartpole: task 1 (wind 0.5)", "3500.0", "hit"), ("cartpole: task 2 (gravity -1.62)", "6500.0", "hit")]
+    assert sorted(float(r["delay"]) for r in switches)[-1] == float(cusum["median_delay"]) * 2 - min(
+        float(r["delay"]) for r in switches)  # the median of two delays is their mean
 
 
 def test_detectors_mode_without_recorded_streams_is_a_clear_error(tmp_path):
