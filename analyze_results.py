@@ -2,109 +2,68 @@
 
 Usage::
 
-    python analyze_results.py RUN_DIR... [--out DIR] [--reference DIR...]
-                              [--group-by KEY ...]
+    python analyze_results.py RUN_DIR... [--out DIR] [--reference DIR...] [--group-by KEY ...]
+                              [--include-incomplete] [--compare A B]
     python analyze_results.py RUN_DIR... --detectors [--out DIR]
 
-``--detectors`` replays the LLCD score streams the runs recorded
-(``llcd_scores.npz``) through every candidate score x detector pair, with
-each run's own detector settings, and prints the strict detection table
-(per run and pooled) instead of the usual analysis; ``detectors.csv`` holds it.
+Globs are expanded here too; a directory without ``config.yaml`` stands for its sub-directories that are
+runs. A run holds ``config.yaml`` (the resolved config) and ``metrics.jsonl`` (``step`` in env steps and
+scalars: ``task_{k}_eval_return`` (``eval_return`` without ``crl_tasks``), ``model_loss``,
+``llcd_detection``, ``llcd_score``, ``llcd_probe_accuracy``; malformed lines are skipped with a warning).
+Entry j of ``crl_tasks`` covers agent steps [prefill + j*spt, prefill + (j+1)*spt), times
+``action_repeat`` in env steps; a run without ``crl_tasks`` trains task 0 in one open window.
 
-Glob patterns are expanded here as well, so quoted patterns such as
-``'logdir/*cartpole*'`` work. A directory without ``config.yaml`` whose
-immediate sub-directories are runs is replaced by those runs.
+Definitions (p_i(t): eval return on task i at env step t; the eval points of window [s, e) are s < t <= e;
+T: the last eval; e_i: the last eval point <= the end of task i's first window): best return (max p_i(t)
+in task i's first window, and in every window); final return p_i(T); average performance P(T), with
+P(t) = mean_i p_i(t) where every task was evaluated; forgetting F_i = p_i(e_i) - p_i(T) and
+F_i^max = max_{t<=e_i} p_i(t) - p_i(T), missing while that window is unfinished (no eval at or after its
+end), their means over the tasks whose first window is not the schedule's last; forward transfer
+FT_i = (AUC_i - AUC_i^ref)/(1 - AUC_i^ref), AUC = trapezoidal mean of return/1000 over [s, s + L] of
+task i's first window, AUC^ref = mean over the reference runs (``crl_tasks: [i]``, same domain) over L
+env steps from their prefill; convergence: env steps from s to the first eval reaching 90% of the
+window's best; final model loss: mean of the last 10 values; LLCD, strict and in agent steps (env steps /
+action_repeat): a switch (window j >= 1 with another task than j-1) is hit by the first detection within
+``llcd_max_delay`` (0: one episode), else missed; other detections are false alarms (per 100K agent
+steps); hit rate beside its chance level (``detector.detection_report``); probe accuracy: last value.
 
-Input: one directory per run, written by ``dreamer.py``
---------------------------------------------------------
-``config.yaml``
-    The resolved config (a YAML mapping). Keys used here: ``task``
-    (``dmc_cartpole_balance``), ``configs``, ``seed``, ``llcd``, ``replay``,
-    ``crl_tasks`` (task ids, repeats allowed; empty = not a continual run),
-    ``crl_steps_per_task`` (agent steps per schedule entry), ``prefill``
-    (agent steps before the schedule starts), ``action_repeat`` (env steps
-    per agent step), ``eval_every`` and, for single-task runs, ``task_id``.
-``metrics.jsonl``
-    One JSON object per line with ``step`` (env steps) and scalars logged at
-    that step: ``task_{k}_eval_return`` (``eval_return`` for a run without
-    ``crl_tasks``), ``model_loss``, ``crl_task``, ``llcd_detection`` (1.0 at
-    each step a change was declared), ``llcd_score``, ``llcd_probe_accuracy``.
-    Non-numeric values are ignored; malformed lines (e.g. the truncated last
-    line of a crashed run) are skipped with a warning.
-
-Schedule: entry j of ``crl_tasks`` covers agent steps
-``[prefill + j*spt, prefill + (j+1)*spt)``, i.e. env steps times
-``action_repeat``. Every boundary comes from each run's own config.
-
-Definitions (p_i(t) = eval return on task i at eval point t)
--------------------------------------------------------------
-* An eval at env step t measures the policy trained up to t, so the eval
-  points *of* window [s, e) are those with s < t <= e.
-* best return: max p_i(t) over the eval points of a window; reported for
-  task i's first window and for every window.
-* final return: p_i(T), the last eval of task i. Average performance
-  P(t) = mean_i p_i(t) over the distinct scheduled tasks at the eval points
-  where every task was evaluated; P(T) is its last value.
-* e_i = the last eval point with t <= end of task i's first window.
-  Forgetting F_i = p_i(e_i) - p_i(T); F_i^max = max_{t<=e_i} p_i(t) - p_i(T).
-  The means average over *all* distinct tasks, including the last-trained
-  task whose value is zero by construction.
-* forward transfer FT_i = (AUC_i - AUC_i^ref) / (1 - AUC_i^ref), on returns
-  divided by 1000. AUC = trapezoidal mean of the normalised return over the
-  eval points with s <= t <= s + L (both ends included: the zero-shot eval
-  at the window start counts), with L the length of task i's first window
-  in the continual run; the time axis is (t - s) / L and the mean is taken
-  over the span actually covered by eval points. Reference runs (crl_tasks
-  == [i] or no crl_tasks and ``task_id: i``, same domain) are aligned by
-  env steps since their own window start (prefill); AUC^ref is the mean
-  over all matching reference runs.
-* convergence: env steps from the start of task i's first window to the
-  first eval point of that window reaching 90 % of the window's best return
-  (best - 0.1*|best| when the best is negative).
-* final model loss: mean of the last 10 ``model_loss`` values.
-* LLCD, strict and in agent steps. A *switch* is a window start j >= 1 whose
-  task differs from the previous window's. It is detected only by a
-  detection within ``llcd_max_delay`` agent steps after it (0 in the config:
-  one episode), its delay that of the first such detection; past that
-  deadline without one it is a miss. Every other detection is a false alarm;
-  the rate is per 100K agent steps of the run (last logged env step /
-  action_repeat). Hit rate = hits / (hits + misses), next to its chance
-  level (``detector.chance_hit_rate``: the same detections against shifted,
-  fake switch times). Probe accuracy = last value.
-* Across seeds: mean and sample standard deviation (ddof=1), NaNs (metric
-  undefined for a seed) dropped; with fewer than two values the std is
-  "n/a" in tables and no band is drawn in plots.
-
-Groups: runs are grouped by (domain of ``task``, ``llcd``, ``replay``), or
-by the ``--group-by`` keys instead (dotted keys reach into nested configs;
-``domain`` is understood). Seeds are the repeats. A run whose schedule
-(crl_tasks, crl_steps_per_task, prefill, action_repeat) differs from the
-group's most common one is split off into its own group with a warning.
-
-Outputs (in ``--out``, default ``analysis/``): the table on the console,
-``results.csv`` (group, metric, mean, std, n), ``results_per_run.csv``,
-``results.md``, ``final_results_grid_shaded.png`` and one PNG per curve
-(``curve_*.png``) and per per-task metric family (``bars_*.png``).
+Runs are grouped by (domain, llcd, replay) or the ``--group-by`` keys (dotted keys reach into nested
+configs); seeds are the repeats; a run with another schedule than its group's most common one forms its
+own group. A run that stops before its schedule ends is named in a warning and left out unless
+``--include-incomplete``. Across seeds: mean and sample std (ddof=1); IQM with 95% stratified-bootstrap
+CIs (rliable, seeded) of final return, average performance, forgetting and forward transfer (runs x
+tasks); ``--compare A B``: the probability that group A improves on group B on each (less forgetting
+is better). Outputs in ``--out``: the tables on the console, results.csv, results_per_run.csv,
+results_iqm.csv, results.md, compare.csv, final_results_grid_shaded.png (mean, 95% bootstrap CI band,
+task switches), curve_*.png per curve, bars_*.png per per-task metric. ``--detectors`` replays the
+recorded score streams (``llcd_scores.npz``) through every score x detector pair with each run's
+settings: the strict table per run and pooled (detectors.csv) and every switch (switches.csv).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import json
 import math
 import os
 import sys
-import warnings
-from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from collections import Counter, namedtuple
+from dataclasses import dataclass
 
-import numpy as np
-import pandas as pd
+import matplotlib
 
-import detector
-from detector import detection_report, resolve_max_delay
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import EngFormatter  # noqa: E402
+from rliable import library as rly, metrics as rly_metrics  # noqa: E402
+
+import detector  # noqa: E402
+from detector import detection_report, resolve_max_delay  # noqa: E402
 
 PROG = "analyze_results"
 RETURN_SCALE = 1000.0  # DMC returns lie in [0, 1000]
@@ -112,10 +71,15 @@ CONVERGENCE_FRACTION = 0.9
 LOSS_TAIL = 10
 FALSE_ALARM_UNIT = 100_000  # agent steps
 DEFAULT_GROUP_KEYS = ("domain", "llcd", "replay")
-LLCD_DETECTION_KEY = "llcd_detection"
-LLCD_SCORE_KEY = "llcd_score"
-LLCD_PROBE_KEY = "llcd_probe_accuracy"
-MODEL_LOSS_KEY = "model_loss"
+BOOTSTRAP_REPS, BOOTSTRAP_SEED = 2000, 0
+CURVE_POINTS, PLOT_BOOT = 200, 300  # plotted grid points per curve, bootstrap resamples per plotted CI
+AGGREGATES = {"final_return": 1, "avg_performance": 1, "forgetting": -1, "forward_transfer": 1}  # 1: higher is better
+DETECTION_KEY, SCORE_KEY, PROBE_KEY, LOSS_KEY = "llcd_detection", "llcd_score", "llcd_probe_accuracy", "model_loss"
+FAMILY_TITLES = {"best_return": "Best return in the task's first window", "final_return": "Final return",
+                 "forgetting": "Forgetting $F_i = p_i(e_i) - p_i(T)$",
+                 "forgetting_max": "Forgetting $F_i^{max} = \\max_{t \\leq e_i} p_i(t) - p_i(T)$",
+                 "forward_transfer": "Forward transfer $FT_i$ (normalised AUC)",
+                 "convergence_steps": "Env steps to 90% of the window's best return"}
 
 
 class RunLoadError(Exception):
@@ -123,12 +87,10 @@ class RunLoadError(Exception):
 
 
 def warn(message: str) -> None:
-    """Print a one-line warning to stderr."""
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
 def info(message: str) -> None:
-    """Print a one-line progress message to stderr."""
     print(f"{PROG}: {message}", file=sys.stderr)
 
 
@@ -137,19 +99,9 @@ def fail(message: str) -> None:
     raise SystemExit(f"{PROG}: error: {message}")
 
 
-# --------------------------------------------------------------------------
-# Data model
-# --------------------------------------------------------------------------
+# ----------------------------------------------------------------- schedule and runs
 
-
-@dataclass(frozen=True)
-class Window:
-    """One schedule entry in env steps: the task trained on [start, end)."""
-
-    index: int
-    task: int
-    start: float
-    end: float
+Window = namedtuple("Window", "index task start end")  # schedule entry ``index``: ``task`` on env steps [start, end)
 
 
 @dataclass(frozen=True)
@@ -160,167 +112,84 @@ class Schedule:
     steps_per_task: int
     prefill: int
     action_repeat: int
-    single_task: int | None = None  # task id of a non-continual run
 
     @classmethod
     def from_config(cls, config: dict) -> "Schedule":
-        """Build the schedule from a resolved config mapping."""
-        tasks = tuple(int(t) for t in (config.get("crl_tasks") or []))
-        single = None if tasks else int(config.get("task_id", 0) or 0)
-        return cls(
-            tasks=tasks,
-            steps_per_task=int(config.get("crl_steps_per_task", 0) or 0),
-            prefill=int(config.get("prefill", 0) or 0),
-            action_repeat=int(config.get("action_repeat", 1) or 1),
-            single_task=single,
-        )
-
-    @property
-    def is_continual(self) -> bool:
-        """True when the run follows a crl_tasks schedule."""
-        return len(self.tasks) > 0
-
-    @property
-    def start(self) -> float:
-        """Env step at which the schedule (after prefill) begins."""
-        return float(self.prefill * self.action_repeat)
-
-    @property
-    def end(self) -> float:
-        """Env step at which the schedule ends (inf for single-task runs)."""
-        if not self.is_continual:
-            return math.inf
-        steps = self.prefill + len(self.tasks) * self.steps_per_task
-        return float(steps * self.action_repeat)
+        return cls(tuple(int(t) for t in config.get("crl_tasks") or ()), int(config.get("crl_steps_per_task") or 0),
+                   int(config.get("prefill") or 0), int(config.get("action_repeat") or 1))
 
     def windows(self) -> list:
-        """All schedule windows in env steps (one open window if single-task)."""
-        if not self.is_continual:
-            return [Window(0, self.single_task, self.start, math.inf)]
-        ar, spt = self.action_repeat, self.steps_per_task
-        return [
-            Window(j, task, float((self.prefill + j * spt) * ar),
-                   float((self.prefill + (j + 1) * spt) * ar))
-            for j, task in enumerate(self.tasks)
-        ]
+        """Every window in env steps (one open window on task 0 without crl_tasks)."""
+        start, span = self.prefill * self.action_repeat, self.steps_per_task * self.action_repeat
+        if not self.tasks:
+            return [Window(0, 0, float(start), math.inf)]
+        return [Window(j, t, float(start + j * span), float(start + (j + 1) * span)) for j, t in enumerate(self.tasks)]
 
-    def distinct_tasks(self) -> list:
-        """Task ids in order of first appearance."""
-        return list(OrderedDict.fromkeys(w.task for w in self.windows()))
+    def first_windows(self) -> dict:
+        """{task: its first window}, tasks in order of first appearance."""
+        firsts = {}
+        for window in self.windows():
+            firsts.setdefault(window.task, window)
+        return firsts
 
-    def first_window(self, task: int) -> Window | None:
-        """The first window in which ``task`` is trained."""
-        return next((w for w in self.windows() if w.task == task), None)
+    def forgettable_tasks(self) -> list:
+        """Tasks first trained before the last window (the last-trained task cannot be forgotten yet)."""
+        last = len(self.windows()) - 1
+        return [t for t, window in self.first_windows().items() if window.index != last]
 
     def switches(self) -> list:
         """Windows j >= 1 whose task differs from window j-1's."""
         wins = self.windows()
         return [w for prev, w in zip(wins, wins[1:]) if w.task != prev.task]
 
-    def signature(self) -> tuple:
-        """What must agree for runs to be averaged together."""
-        return (self.tasks, self.steps_per_task, self.prefill,
-                self.action_repeat, self.single_task)
-
     def describe(self) -> str:
-        """Short human-readable schedule description."""
-        if not self.is_continual:
-            return (f"single task {self.single_task}, prefill={self.prefill}, "
-                    f"action_repeat={self.action_repeat}")
-        return (f"crl_tasks={list(self.tasks)}, crl_steps_per_task="
-                f"{self.steps_per_task}, prefill={self.prefill}, "
-                f"action_repeat={self.action_repeat}")
+        tail = f"prefill={self.prefill}, action_repeat={self.action_repeat}"
+        if not self.tasks:
+            return f"single task, {tail}"
+        return f"crl_tasks={list(self.tasks)}, crl_steps_per_task={self.steps_per_task}, {tail}"
 
 
 @dataclass
 class Run:
-    """One loaded run: its config and per-key (steps, values) arrays."""
+    """One loaded run: its config and {key: (steps, values)} arrays sorted by step."""
 
     path: str
     config: dict
-    scalars: dict = field(default_factory=dict)
+    scalars: dict
 
-    @property
-    def schedule(self) -> Schedule:
-        """The run's task schedule."""
-        return Schedule.from_config(self.config)
+    def __post_init__(self):
+        self.schedule = Schedule.from_config(self.config)
+        self.seed, self.domain = self.config.get("seed"), domain_of(self.config.get("task", ""))
+        self.last_step = float(max((s[-1] for s, _ in self.scalars.values() if len(s)), default=0.0))
+        self.complete = not self.schedule.tasks or self.last_step >= self.schedule.windows()[-1].end
+        self.uses_llcd = bool(self.config.get("llcd")) or DETECTION_KEY in self.scalars
+        self.has_eval_rows = any(k == "eval_return" or k.startswith("task_") and k.endswith("_eval_return")
+                                 for k in self.scalars)
+        self.reference_task = self.schedule.tasks[0] if len(self.schedule.tasks) == 1 else None
 
-    @property
-    def seed(self):
-        """The run's seed (None if not in the config)."""
-        return self.config.get("seed")
+    def series(self, key: str) -> pd.Series:
+        """Values of ``key`` indexed by env step (empty if never logged)."""
+        steps, values = self.scalars.get(key, ((), ()))
+        return pd.Series(values, index=np.asarray(steps, float), dtype=float)
 
-    @property
-    def domain(self) -> str:
-        """The DMC domain of the run's task (see :func:`domain_of`)."""
-        return domain_of(self.config.get("task", ""))
+    def detection_steps(self) -> np.ndarray:
+        """Env steps of the logged LLCD detections."""
+        logged = self.series(DETECTION_KEY)
+        return logged.index.to_numpy()[logged.to_numpy() > 0]
 
-    @property
-    def last_step(self) -> float:
-        """Largest env step logged by the run (0 if nothing was logged)."""
-        ends = [s[-1] for s, _ in self.scalars.values() if len(s)]
-        return float(max(ends)) if ends else 0.0
-
-    def series(self, key: str) -> tuple:
-        """(steps, values) arrays for ``key``; empty arrays if never logged."""
-        if key not in self.scalars:
-            return np.zeros(0), np.zeros(0)
-        return self.scalars[key]
-
-    def eval_curve(self, task: int) -> tuple:
-        """Eval-return curve (steps, values) of ``task``, duplicates averaged."""
-        steps, values = self.series(f"task_{task}_eval_return")
-        sched = self.schedule
-        own = (sched.single_task == task) or (sched.tasks == (task,))
-        if not len(steps) and own:
-            steps, values = self.series("eval_return")
-        return dedupe_steps(steps, values)
-
-    def has_eval_rows(self) -> bool:
-        """True if any eval return was logged."""
-        return any(k == "eval_return" or
-                   (k.startswith("task_") and k.endswith("_eval_return"))
-                   for k, (s, _) in self.scalars.items() if len(s))
-
-    def reference_task(self) -> int | None:
-        """Task id this run is a single-task reference for, else None."""
-        sched = self.schedule
-        if len(sched.tasks) == 1:
-            return sched.tasks[0]
-        if not sched.is_continual and "task_id" in self.config:
-            return int(self.config["task_id"])
-        return None
+    def eval_curve(self, task: int) -> pd.Series:
+        """Eval returns of ``task`` by env step, values logged at the same step averaged."""
+        key = f"task_{task}_eval_return"
+        return self.series(key if key in self.scalars or self.schedule.tasks else "eval_return").groupby(level=0).mean()
 
 
 def domain_of(task: str) -> str:
     """Domain of a task name: 'dmc_ball_in_cup_catch' -> 'ball_in_cup'."""
-    name = str(task)
-    for prefix in ("dmc_", "crl_"):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    return name.rsplit("_", 1)[0] if "_" in name else name
-
-
-def dedupe_steps(steps: np.ndarray, values: np.ndarray) -> tuple:
-    """Sort by step, average values logged at the same step, drop NaNs."""
-    steps, values = np.asarray(steps, float), np.asarray(values, float)
-    keep = np.isfinite(values) & np.isfinite(steps)
-    steps, values = steps[keep], values[keep]
-    if not len(steps):
-        return steps, values
-    uniq, inverse = np.unique(steps, return_inverse=True)
-    sums = np.bincount(inverse, weights=values)
-    counts = np.bincount(inverse)
-    return uniq, sums / counts
-
-
-# --------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------
+    return str(task).removeprefix("dmc_").removeprefix("crl_").rsplit("_", 1)[0]
 
 
 def read_config(path: str) -> dict:
-    """Load ``config.yaml`` as a plain mapping."""
+    """Load a YAML mapping."""
     from ruamel.yaml import YAML
 
     with open(path, encoding="utf-8") as f:
@@ -331,9 +200,8 @@ def read_config(path: str) -> dict:
 
 
 def parse_metrics_lines(lines: list, source: str = "metrics.jsonl") -> dict:
-    """Parse JSONL lines into {key: (steps, values)}; bad lines are warned."""
-    rows: dict = {}
-    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
+    """JSONL lines -> {key: (steps, values)} of the finite numbers; bad lines are warned."""
+    records, last = [], max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -341,25 +209,12 @@ def parse_metrics_lines(lines: list, source: str = "metrics.jsonl") -> dict:
             record = json.loads(line)
             step = float(record["step"])
         except (ValueError, KeyError, TypeError):
-            what = "truncated last line" if i == last else f"malformed line {i + 1}"
-            warn(f"{source}: skipping {what}")
+            warn(f"{source}: skipping {'truncated last line' if i == last else f'malformed line {i + 1}'}")
             continue
-        for key, value in record.items():
-            if key != "step" and _is_number(value):
-                rows.setdefault(key, []).append((step, float(value)))
-    return {key: _sorted_arrays(pairs) for key, pairs in rows.items()}
-
-
-def _is_number(value) -> bool:
-    """True for int/float JSON values (not booleans)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _sorted_arrays(pairs: list) -> tuple:
-    """(step, value) pairs -> step-sorted (steps, values) arrays."""
-    arr = np.asarray(pairs, dtype=float).reshape(-1, 2)
-    order = np.argsort(arr[:, 0], kind="stable")
-    return arr[order, 0], arr[order, 1]
+        records += [(step, key, float(value)) for key, value in record.items() if key != "step" and
+                    isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)]
+    frame = pd.DataFrame(records, columns=["step", "key", "value"]).sort_values("step", kind="stable")
+    return {key: (rows["step"].to_numpy(), rows["value"].to_numpy()) for key, rows in frame.groupby("key", sort=False)}
 
 
 def load_run(path: str) -> Run:
@@ -377,26 +232,17 @@ def load_run(path: str) -> Run:
         raise RunLoadError(f"{path}/config.yaml: cannot parse ({exc.__class__.__name__})")
     metrics_path = os.path.join(path, "metrics.jsonl")
     with open(metrics_path, encoding="utf-8", errors="replace") as f:
-        scalars = parse_metrics_lines(f.readlines(), metrics_path)
-    return Run(path=path, config=config, scalars=scalars)
+        return Run(path, config, parse_metrics_lines(f.readlines(), metrics_path))
 
 
 def expand_paths(patterns: list) -> list:
-    """Expand globs and run-parent directories; keep order, drop duplicates."""
+    """Expand globs and directories of runs; keep order, drop duplicates."""
     paths = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) or [pattern]
-        for path in matches:
-            paths.extend(_runs_below(path) or [path])
-    return list(OrderedDict.fromkeys(os.path.normpath(p) for p in paths))
-
-
-def _runs_below(path: str) -> list:
-    """Sub-directories that are runs, if ``path`` itself is not one."""
-    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "config.yaml")):
-        return []
-    subs = sorted(os.path.join(path, d) for d in os.listdir(path))
-    return [d for d in subs if os.path.isfile(os.path.join(d, "config.yaml"))]
+    for path in (p for pattern in patterns for p in sorted(glob.glob(pattern)) or [pattern]):
+        below = [] if os.path.exists(os.path.join(path, "config.yaml")) or not os.path.isdir(path) else [
+            d for d in sorted(os.path.join(path, d) for d in os.listdir(path)) if os.path.isfile(f"{d}/config.yaml")]
+        paths.extend(below or [path])
+    return list(dict.fromkeys(os.path.normpath(p) for p in paths))
 
 
 def load_runs(paths: list, what: str = "run") -> list:
@@ -412,209 +258,117 @@ def load_runs(paths: list, what: str = "run") -> list:
     return runs
 
 
-# --------------------------------------------------------------------------
-# Pure metric computations
-# --------------------------------------------------------------------------
+# ----------------------------------------------------------------- metrics of one run
 
 
-def window_points(steps: np.ndarray, start: float, end: float,
-                  include_start: bool = False) -> np.ndarray:
-    """Mask of eval points in (start, end] (or [start, end])."""
-    lower = steps >= start if include_start else steps > start
-    return lower & (steps <= end)
+def in_window(curve: pd.Series, start: float, end: float, include_start: bool = False) -> pd.Series:
+    """Points of ``curve`` in (start, end] (or [start, end])."""
+    steps = curve.index
+    return curve[((steps >= start) if include_start else (steps > start)) & (steps <= end)]
 
 
-def compute_best_in_window(steps, values, start: float, end: float) -> float:
-    """Best eval return among the eval points of window [start, end)."""
-    mask = window_points(np.asarray(steps), start, end)
-    return float(np.max(values[mask])) if mask.any() else math.nan
+def last_value(series: pd.Series) -> float:
+    return float(series.iloc[-1]) if len(series) else math.nan
 
 
-def compute_final_return(steps, values) -> float:
-    """p_i(T): the last eval return (NaN if none)."""
-    return float(values[-1]) if len(values) else math.nan
+def nanmean(values: list) -> float:
+    return float(pd.Series(values, dtype=float).mean())
 
 
-def compute_forgetting(steps, values, first_end: float) -> tuple:
-    """(F_i, F_i^max) given the end of task i's first window."""
-    steps, values = np.asarray(steps), np.asarray(values)
-    before = steps <= first_end
-    if not before.any():
+def best_in_window(curve: pd.Series, window: Window) -> float:
+    return float(in_window(curve, window.start, window.end).max())
+
+
+def forgetting(curve: pd.Series, first_end: float) -> tuple:
+    """(F_i, F_i^max) given the end of task i's first window; NaN while that window is unfinished."""
+    before = curve[curve.index <= first_end]
+    if not len(before) or curve.index[-1] < first_end:
         return math.nan, math.nan
-    final = values[-1]
-    at_end = values[before][-1]
-    return float(at_end - final), float(values[before].max() - final)
+    return float(before.iloc[-1] - curve.iloc[-1]), float(before.max() - curve.iloc[-1])
 
 
-def compute_convergence(steps, values, start: float, end: float,
-                        fraction: float = CONVERGENCE_FRACTION) -> float:
-    """Env steps from ``start`` to first reaching fraction*best in the window."""
-    steps, values = np.asarray(steps), np.asarray(values)
-    mask = window_points(steps, start, end)
-    if not mask.any():
+def convergence_steps(curve: pd.Series, window: Window) -> float:
+    """Env steps from the window start to the first eval reaching 90% of the window's best."""
+    points = in_window(curve, window.start, window.end)
+    if not len(points):
         return math.nan
-    best = values[mask].max()
-    threshold = best - (1.0 - fraction) * abs(best)
-    hit = np.flatnonzero(values[mask] >= threshold)[0]
-    return float(steps[mask][hit] - start)
+    best = points.max()
+    return float(points[points >= best - (1 - CONVERGENCE_FRACTION) * abs(best)].index[0] - window.start)
 
 
-def compute_auc(steps, values, start: float, length: float,
-                scale: float = RETURN_SCALE) -> float:
-    """Trapezoidal mean of values/scale over [start, start+length]."""
-    steps, values = np.asarray(steps, float), np.asarray(values, float)
-    mask = window_points(steps, start, start + length, include_start=True)
-    if not mask.any() or not length > 0:
+def normalised_auc(curve: pd.Series, start: float, length: float) -> float:
+    """Trapezoidal mean of return/1000 over the span of the eval points in [start, start + length]."""
+    points = in_window(curve, start, start + length, include_start=True) / RETURN_SCALE
+    if not len(points) or not 0 < length < math.inf:
         return math.nan
-    tau = (steps[mask] - start) / length
-    y = values[mask] / scale
-    if len(tau) == 1:
-        return float(y[0])
-    area = np.sum(0.5 * (y[1:] + y[:-1]) * np.diff(tau))
-    return float(area / (tau[-1] - tau[0]))
+    tau = (points.index.to_numpy() - start) / length
+    return float(points.iloc[0]) if len(tau) == 1 else float(np.trapezoid(points.to_numpy(), tau) / (tau[-1] - tau[0]))
 
 
-def compute_forward_transfer(auc: float, auc_ref: float) -> float:
-    """FT = (AUC - AUC_ref) / (1 - AUC_ref); NaN when undefined."""
-    if not (math.isfinite(auc) and math.isfinite(auc_ref)) or auc_ref == 1.0:
-        return math.nan
-    return (auc - auc_ref) / (1.0 - auc_ref)
-
-
-def compute_avg_performance(curves: list) -> tuple:
-    """P(t) over the steps where every curve (steps, values) has a value."""
-    if not curves or any(not len(s) for s, _ in curves):
-        return np.zeros(0), np.zeros(0)
-    common = curves[0][0]
-    for steps, _ in curves[1:]:
-        common = np.intersect1d(common, steps)
-    stacked = [v[np.searchsorted(s, common)] for s, v in curves]
-    return common, np.mean(stacked, axis=0) if len(common) else np.zeros(0)
-
-
-def compute_final_model_loss(values, tail: int = LOSS_TAIL) -> float:
-    """Mean of the last ``tail`` model-loss values (NaN if none)."""
-    values = np.asarray(values, float)
-    values = values[np.isfinite(values)]
-    return float(values[-tail:].mean()) if len(values) else math.nan
-
-
-def compute_llcd(detections, switches: list, agent_steps: float, max_delay: float) -> dict:
-    """Strict detection scores (SPEC §6.6), everything in agent steps.
-
-    ``detections``: agent steps of detections; ``switches``: (window index, start, end) of
-    the windows whose start is a scheduled switch. Returns detector.detection_report's dict
-    with "delays" keyed by window index.
-    """
-    report = detection_report(detections, [(start, end) for _, start, end in switches], agent_steps, max_delay,
-                              FALSE_ALARM_UNIT)
-    report["delays"] = OrderedDict((index, d) for (index, _, _), d in zip(switches, report["delays"]))
-    return report
-
-
-def run_uses_llcd(run: Run) -> bool:
-    """LLCD metrics apply when detections were logged or llcd is on."""
-    return bool(run.config.get("llcd")) or len(run.series(LLCD_DETECTION_KEY)[0]) > 0
+def average_performance(curves: list) -> pd.Series:
+    """P(t) at the eval points where every curve has a value."""
+    return pd.concat(curves, axis=1, join="inner").sort_index().mean(axis=1) if curves else pd.Series(dtype=float)
 
 
 def reference_auc(refs: list, task: int, domain: str, length: float) -> float:
-    """Mean AUC of the matching single-task reference runs over ``length``."""
+    """Mean AUC of the matching reference runs over ``length`` env steps from their prefill."""
     aucs = []
-    for ref in refs:
-        if ref.reference_task() != task or ref.domain != domain:
-            continue
-        steps, values = ref.eval_curve(task)
-        start = ref.schedule.start
-        if len(steps) and steps[-1] - start < length:
-            warn(f"reference {ref.path} covers {steps[-1] - start:.0f} of the "
+    for ref in (r for r in refs if r.reference_task == task and r.domain == domain):
+        curve, start = ref.eval_curve(task), ref.schedule.windows()[0].start
+        if len(curve) and curve.index[-1] - start < length:
+            warn(f"reference {ref.path} covers {curve.index[-1] - start:.0f} of the "
                  f"{length:.0f} env steps of task {task}'s window")
-        aucs.append(compute_auc(steps, values, start, length))
-    aucs = [a for a in aucs if math.isfinite(a)]
-    return float(np.mean(aucs)) if aucs else math.nan
+        aucs.append(normalised_auc(curve, start, length))
+    return nanmean(aucs)
 
 
-def compute_run_metrics(run: Run, refs: list | None = None) -> "OrderedDict[str, float]":
-    """Every scalar metric of one run as an ordered {name: value} mapping."""
-    sched, tasks = run.schedule, run.schedule.distinct_tasks()
-    curves = {t: run.eval_curve(t) for t in tasks}
-    firsts = {t: sched.first_window(t) for t in tasks}
-    out: OrderedDict = OrderedDict()
-    for t in tasks:
-        out[f"best_return/task{t}"] = compute_best_in_window(
-            *curves[t], firsts[t].start, firsts[t].end)
-    if sched.is_continual:
-        for w in sched.windows():
-            out[f"best_return/window{w.index}_task{w.task}"] = compute_best_in_window(
-                *curves[w.task], w.start, w.end)
-    for t in tasks:
-        out[f"final_return/task{t}"] = compute_final_return(*curves[t])
-    _, perf = compute_avg_performance([curves[t] for t in tasks])
-    out["avg_performance/final"] = float(perf[-1]) if len(perf) else math.nan
-    forgetting = {t: compute_forgetting(*curves[t], firsts[t].end) for t in tasks}
-    for idx, name in ((0, "forgetting"), (1, "forgetting_max")):
-        for t in tasks:
-            out[f"{name}/task{t}"] = forgetting[t][idx]
-        out[f"{name}/mean"] = _nanmean([forgetting[t][idx] for t in tasks])
-    if refs:
-        out.update(_forward_transfer_metrics(run, refs, tasks, curves, firsts))
-    for t in tasks:
-        out[f"convergence_steps/task{t}"] = compute_convergence(
-            *curves[t], firsts[t].start, firsts[t].end)
-    out["model_loss/final"] = compute_final_model_loss(run.series(MODEL_LOSS_KEY)[1])
-    if run_uses_llcd(run):
-        out.update(_llcd_metrics(run))
+def forward_transfer_metrics(run: Run, refs: list, curves: dict) -> dict:
+    """FT_i = (AUC_i - AUC_i^ref) / (1 - AUC_i^ref) per task (NaN when undefined) and their mean."""
+    out = {}
+    for task, window in run.schedule.first_windows().items():
+        auc = normalised_auc(curves[task], window.start, window.end - window.start)
+        ref = reference_auc(refs, task, run.domain, window.end - window.start) if math.isfinite(auc) else math.nan
+        out[f"forward_transfer/task{task}"] = (auc - ref) / (1 - ref) if math.isfinite(ref) and ref != 1 else math.nan
+    out["forward_transfer/mean"] = nanmean(list(out.values()))
     return out
 
 
-def _forward_transfer_metrics(run, refs, tasks, curves, firsts) -> OrderedDict:
-    """FT_i per task and their mean for one run."""
-    out = OrderedDict()
-    for t in tasks:
-        win = firsts[t]
-        length = win.end - win.start
-        if not math.isfinite(length):
-            out[f"forward_transfer/task{t}"] = math.nan
-            continue
-        auc = compute_auc(*curves[t], win.start, length)
-        out[f"forward_transfer/task{t}"] = compute_forward_transfer(
-            auc, reference_auc(refs, t, run.domain, length))
-    out["forward_transfer/mean"] = _nanmean([out[f"forward_transfer/task{t}"] for t in tasks])
-    return out
-
-
-def _llcd_metrics(run: Run) -> OrderedDict:
-    """Strict LLCD scores in agent steps: delay per switch and median, hit rate and its chance
-    level, misses, false alarms per 100K agent steps, probe accuracy."""
-    sched = run.schedule
-    repeat = sched.action_repeat
-    det_steps, det_values = run.series(LLCD_DETECTION_KEY)
-    detections = det_steps[det_values > 0] / repeat
-    switches = [(w.index, w.start / repeat, w.end / repeat) for w in sched.switches()]
+def llcd_metrics(run: Run) -> dict:
+    """Strict LLCD scores in agent steps: delay per switch and median, hit rate and its chance level,
+    misses, false alarms per 100K agent steps, probe accuracy."""
+    repeat, switches = run.schedule.action_repeat, run.schedule.switches()
     max_delay = resolve_max_delay(run.config.get("llcd_max_delay", 0), run.config.get("time_limit", 1000), repeat)
-    stats = compute_llcd(detections, switches, run.last_step / repeat, max_delay)
-    out = OrderedDict()
-    task_of = {w.index: w.task for w in sched.windows()}
-    for j, delay in stats["delays"].items():
-        out[f"llcd_delay_agent_steps/switch{j}_task{task_of[j]}"] = delay
-    out["llcd_delay_agent_steps/median"] = stats["median_delay"]
-    out["llcd_hit_rate"] = stats["hit_rate"]
-    out["llcd_chance_hit_rate"] = stats["chance_hit_rate"]
-    out["llcd_misses"] = float(stats["misses"])
-    out["llcd_false_alarms_per_100k"] = stats["false_alarms_per_unit"]
-    probe = run.series(LLCD_PROBE_KEY)[1]
-    out["llcd_probe_accuracy/final"] = float(probe[-1]) if len(probe) else math.nan
-    return out
+    report = detection_report(run.detection_steps() / repeat, [(w.start / repeat, w.end / repeat) for w in switches],
+                              run.last_step / repeat, max_delay, FALSE_ALARM_UNIT)
+    out = {f"llcd_delay_agent_steps/switch{w.index}_task{w.task}": d for w, d in zip(switches, report["delays"])}
+    return {**out, "llcd_delay_agent_steps/median": report["median_delay"], "llcd_hit_rate": report["hit_rate"],
+            "llcd_chance_hit_rate": report["chance_hit_rate"], "llcd_misses": float(report["misses"]),
+            "llcd_false_alarms_per_100k": report["false_alarms_per_unit"],
+            "llcd_probe_accuracy/final": last_value(run.series(PROBE_KEY))}
 
 
-def _nanmean(values: list) -> float:
-    """Mean of the finite values (NaN if there are none)."""
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
+def compute_run_metrics(run: Run, refs: list | None = None) -> dict:
+    """Every scalar metric of one run as an ordered {name: value} mapping."""
+    sched, firsts = run.schedule, run.schedule.first_windows()
+    curves = {t: run.eval_curve(t) for t in firsts}
+    out = {f"best_return/task{t}": best_in_window(curves[t], w) for t, w in firsts.items()}
+    if sched.tasks:
+        out.update({f"best_return/window{w.index}_task{w.task}": best_in_window(curves[w.task], w)
+                    for w in sched.windows()})
+    out.update({f"final_return/task{t}": last_value(c) for t, c in curves.items()})
+    out["avg_performance/final"] = last_value(average_performance(list(curves.values())))
+    drops = {t: forgetting(curves[t], w.end) for t, w in firsts.items()}
+    for i, name in enumerate(("forgetting", "forgetting_max")):
+        out.update({f"{name}/task{t}": drop[i] for t, drop in drops.items()})
+        out[f"{name}/mean"] = nanmean([drops[t][i] for t in sched.forgettable_tasks()])
+    if refs:
+        out.update(forward_transfer_metrics(run, refs, curves))
+    out.update({f"convergence_steps/task{t}": convergence_steps(curves[t], w) for t, w in firsts.items()})
+    out["model_loss/final"] = float(run.series(LOSS_KEY).iloc[-LOSS_TAIL:].mean())
+    return {**out, **llcd_metrics(run)} if run.uses_llcd else out
 
 
-# --------------------------------------------------------------------------
-# Grouping and aggregation
-# --------------------------------------------------------------------------
+# ----------------------------------------------------------------- groups and statistics
 
 
 @dataclass
@@ -623,16 +377,18 @@ class Group:
 
     label: str
     runs: list
-    metrics: list = field(default_factory=list)  # one OrderedDict per run
 
     @property
     def schedule(self) -> Schedule:
-        """The common schedule of the group's runs."""
         return self.runs[0].schedule
+
+    @property
+    def heading(self) -> str:
+        return f"{self.label} (n={len(self.runs)})"
 
 
 def config_value(config: dict, key: str):
-    """Look up a (dotted) key in a config; 'domain' is derived from task."""
+    """A (dotted) key of a config; 'domain' is derived from task."""
     if key == "domain":
         return domain_of(config.get("task", ""))
     node = config
@@ -643,504 +399,332 @@ def config_value(config: dict, key: str):
     return node
 
 
+def short(value) -> str:
+    """Compact string for config values (lists without spaces)."""
+    return "[" + ",".join(map(short, value)) + "]" if isinstance(value, (list, tuple)) else str(value)
+
+
 def group_label(config: dict, keys: tuple) -> str:
     """Readable label of a group key, e.g. 'cartpole llcd=True replay=fifo'."""
-    parts = []
-    for key in keys:
-        value = config_value(config, key)
-        parts.append(str(value) if key == "domain" else f"{key}={_short(value)}")
-    return " ".join(parts)
-
-
-def _short(value) -> str:
-    """Compact string for config values (lists without spaces)."""
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_short(v) for v in value) + "]"
-    return str(value)
+    return " ".join(str(config_value(config, k)) if k == "domain" else f"{k}={short(config_value(config, k))}"
+                    for k in keys)
 
 
 def group_runs(runs: list, group_by: list | None = None) -> list:
-    """Group runs by config keys; split off runs with a different schedule."""
-    keys = tuple(group_by) if group_by else DEFAULT_GROUP_KEYS
+    """Group runs by config keys; a run with another schedule than its group's most common one is split off."""
+    keys = tuple(group_by or DEFAULT_GROUP_KEYS)
     for key in keys:
         missing = [r.path for r in runs if config_value(r.config, key) == "<missing>"]
         if missing:
             warn(f"group key '{key}' is not in the config of {len(missing)} run(s) "
                  f"(e.g. {missing[0]}); they are grouped as {key}=<missing>")
-    by_label: OrderedDict = OrderedDict()
+    by_label, groups = {}, []
     for run in runs:
         by_label.setdefault(group_label(run.config, keys), []).append(run)
-    groups = []
     for label, members in by_label.items():
-        groups.extend(_split_by_schedule(label, members))
+        main = Counter(r.schedule for r in members).most_common(1)[0][0]
+        for schedule in sorted(dict.fromkeys(r.schedule for r in members), key=lambda s: s != main):
+            same = [r for r in members if r.schedule == schedule]
+            name = label if schedule == main else f"{label} [{schedule.describe()}]"
+            if schedule != main:
+                warn(f"group '{label}': {len(same)} run(s) ({', '.join(r.path for r in same)}) "
+                     f"have a different schedule ({schedule.describe()}); reported as group '{name}'")
+            groups.append(Group(name, same))
     return groups
 
 
-def _split_by_schedule(label: str, runs: list) -> list:
-    """One group per distinct schedule; the most common keeps the label."""
-    signatures = Counter(r.schedule.signature() for r in runs)
-    if len(signatures) == 1:
-        return [Group(label, runs)]
-    main_sig = signatures.most_common(1)[0][0]
-    groups = [Group(label, [r for r in runs if r.schedule.signature() == main_sig])]
-    for sig in signatures:
-        if sig == main_sig:
-            continue
-        members = [r for r in runs if r.schedule.signature() == sig]
-        sched = members[0].schedule
-        new_label = f"{label} [{sched.describe()}]"
-        warn(f"group '{label}': {len(members)} run(s) ({', '.join(r.path for r in members)}) "
-             f"have a different schedule ({sched.describe()}); reported as group '{new_label}'")
-        groups.append(Group(new_label, members))
-    return groups
-
-
-def summarize(values: list) -> tuple:
-    """(mean, std with ddof=1, n) of the finite values; std NaN if n < 2."""
-    finite = np.asarray([v for v in values if v is not None and math.isfinite(v)], float)
-    n = len(finite)
-    if n == 0:
-        return math.nan, math.nan, 0
-    std = float(finite.std(ddof=1)) if n > 1 else math.nan
-    return float(finite.mean()), std, n
-
-
-def metric_names(groups: list) -> list:
-    """All metric names over all groups, in order of first appearance."""
-    names: OrderedDict = OrderedDict()
+def select_runs(groups: list, include_incomplete: bool) -> list:
+    """Drop runs without eval rows and, unless ``include_incomplete``, incomplete runs (each named in a
+    warning); drop empty groups."""
+    kept = []
     for group in groups:
-        for metrics in group.metrics:
-            names.update((k, None) for k in metrics)
-    return list(names)
+        for run in group.runs:
+            if not run.has_eval_rows:
+                warn(f"{run.path}: no eval rows (task_k_eval_return / eval_return); skipped")
+            elif not run.complete:
+                warn(f"{run.path}: incomplete, stops at env step {run.last_step:.0f} before the schedule ends at "
+                     f"{run.schedule.windows()[-1].end:.0f}; " + ("kept (--include-incomplete)" if include_incomplete
+                                                                 else "left out (--include-incomplete keeps it)"))
+        group.runs = [r for r in group.runs if r.has_eval_rows and (r.complete or include_incomplete)]
+        repeated = [s for s, c in Counter(r.seed for r in group.runs).items() if c > 1]
+        if repeated:
+            warn(f"group '{group.label}': seed(s) {repeated} appear more than once")
+        if group.runs:
+            kept.append(group)
+        else:
+            warn(f"group '{group.label}' is empty (no complete run with eval rows); skipped")
+    return kept
 
 
-def aggregate(groups: list) -> list:
-    """Rows (group label, n runs, metric, mean, std, n) for every metric."""
+def run_tables(groups: list, refs: list) -> tuple:
+    """(every run's metrics, one row per run; mean, std (ddof=1) and count of each group x metric)."""
+    metrics = [(g, r, compute_run_metrics(r, refs)) for g in groups for r in g.runs]
+    wide = pd.DataFrame([{"group": g.label, "run": r.path, "seed": r.seed, **m} for g, r, m in metrics])
+    long = pd.DataFrame([(g.label, k, v) for g, _, m in metrics for k, v in m.items()],
+                        columns=["group", "metric", "value"])
+    stats = long.groupby(["group", "metric"], sort=False)["value"].agg(["mean", "std", "count"]).reset_index()
+    stats.insert(1, "n_runs", stats["group"].map({g.label: len(g.runs) for g in groups}))
+    return wide, stats.rename(columns={"count": "n"})
+
+
+def score_frame(wide: pd.DataFrame, group: Group, family: str) -> pd.DataFrame:
+    """Runs x tasks scores of one aggregate metric (forgetting: the forgettable tasks); tasks without any
+    value, then runs with a missing one, are dropped."""
+    tasks = group.schedule.forgettable_tasks() if family == "forgetting" else list(group.schedule.first_windows())
+    columns = ["avg_performance/final"] if family == "avg_performance" else [f"{family}/task{t}" for t in tasks]
+    return wide[wide["group"] == group.label].reindex(columns=columns).dropna(axis=1, how="all").dropna()
+
+
+def interval_estimate(scores, func) -> tuple:
+    """(point, low, high) of ``func`` on ``scores`` with a 95% stratified-bootstrap CI (rliable). rliable
+    resamples with NumPy's global RNG: it is seeded here for reproducible CIs, then restored."""
+    state = np.random.get_state()
+    np.random.seed(BOOTSTRAP_SEED)
+    try:
+        points, intervals = rly.get_interval_estimates({"x": scores}, func, reps=BOOTSTRAP_REPS)
+    finally:
+        np.random.set_state(state)
+    return (float(np.ravel(points["x"])[0]), *np.ravel(intervals["x"]).tolist())
+
+
+def iqm_table(wide: pd.DataFrame, groups: list) -> pd.DataFrame:
+    """IQM over runs and tasks and its 95% CI of every aggregate metric per group."""
+    rows = [(g.label, family, *interval_estimate(scores, lambda s: np.array([rly_metrics.aggregate_iqm(s)])),
+             *scores.shape) for g in groups for family in AGGREGATES
+            if (scores := score_frame(wide, g, family).to_numpy()).size]
+    return pd.DataFrame(rows, columns=["group", "metric", "iqm", "ci_low", "ci_high", "runs", "tasks"])
+
+
+def compare_table(wide: pd.DataFrame, a: Group, b: Group) -> pd.DataFrame:
+    """Probability (95% CI) that group a improves on group b per aggregate metric, on their common tasks."""
     rows = []
-    for group in groups:
-        for name in metric_names([group]):
-            mean, std, n = summarize([m.get(name, math.nan) for m in group.metrics])
-            rows.append({"group": group.label, "n_runs": len(group.runs),
-                         "metric": name, "mean": mean, "std": std, "n": n})
-    return rows
+    for family, sign in AGGREGATES.items():
+        x, y = score_frame(wide, a, family), score_frame(wide, b, family)
+        common = x.columns.intersection(y.columns)
+        if len(common) and len(x) and len(y):
+            pair = [sign * x[common].to_numpy(), sign * y[common].to_numpy()]
+            rows.append((family, *interval_estimate(pair, rly_metrics.probability_of_improvement), len(common)))
+    return pd.DataFrame(rows, columns=["metric", "probability", "ci_low", "ci_high", "tasks"])
 
 
-# --------------------------------------------------------------------------
-# Tables
-# --------------------------------------------------------------------------
+# ----------------------------------------------------------------- tables
 
 
-def decimals_for(value: float) -> int:
+def digits(value: float) -> int:
     """Decimals shown for a value of this magnitude (0, 1 or 3)."""
-    if not math.isfinite(value) or abs(value) >= 10_000:
-        return 0
-    return 1 if abs(value) >= 10 else 3
+    return 0 if not math.isfinite(value) or abs(value) >= 10_000 else 1 if abs(value) >= 10 else 3
 
 
-def format_number(value: float, decimals: int | None = None) -> str:
-    """Compact number formatting for tables ('n/a' for NaN)."""
-    if value is None or not math.isfinite(value):
-        return "n/a"
-    return f"{value:.{decimals_for(value) if decimals is None else decimals}f}"
+def number(value: float, decimals: int) -> str:
+    return f"{value:.{decimals}f}" if math.isfinite(value) else "n/a"
 
 
-def format_cell(mean: float, std: float, n: int) -> str:
-    """'mean ± std' with the mean's precision ('± n/a' for one value)."""
-    if n == 0:
-        return "n/a"
-    digits = decimals_for(mean if mean != 0 else std)
-    return f"{format_number(mean, digits)} ± {format_number(std, digits)}"
+def mean_std_cell(mean: float, std: float, n: int) -> str:
+    """'mean ± std' with the mean's precision ('± n/a' for one value, 'n/a' for none)."""
+    places = digits(mean if mean != 0 else std)
+    return f"{number(mean, places)} ± {number(std, places)}" if n else "n/a"
 
 
-def table_matrix(groups: list, rows: list) -> tuple:
-    """Header and body (metric x group cells) of the summary table."""
-    header = ["metric"] + [f"{g.label} (n={len(g.runs)})" for g in groups]
-    cells = {(r["group"], r["metric"]): format_cell(r["mean"], r["std"], r["n"])
-             for r in rows}
-    body = [[name] + [cells.get((g.label, name), "-") for g in groups]
-            for name in metric_names(groups)]
-    return header, body
+def interval_cell(point: float, low: float, high: float) -> str:
+    places = digits(point)
+    return f"{number(point, places)} [{number(low, places)}, {number(high, places)}]"
 
 
-def render_console_table(groups: list, rows: list) -> str:
-    """Fixed-width text table: one row per metric, one column per group."""
-    header, body = table_matrix(groups, rows)
-    widths = [max(len(str(line[c])) for line in [header] + body)
-              for c in range(len(header))]
-    fmt = lambda line: "  ".join(str(x).ljust(w) for x, w in zip(line, widths))
-    rule = "  ".join("-" * w for w in widths)
-    title = "Mean ± Std across seeds (std: ddof=1, n/a for a single seed)"
-    return "\n".join([title, fmt(header), rule] + [fmt(line) for line in body])
+def cell_table(frame: pd.DataFrame, cells: list, groups: list) -> pd.DataFrame:
+    """Metric x group table of formatted ``cells`` (one per row of ``frame``); '-' where a group lacks a metric."""
+    table = frame.assign(cell=cells).pivot(index="metric", columns="group", values="cell")
+    table = table.reindex(index=pd.unique(frame["metric"]), columns=[g.label for g in groups]).fillna("-")
+    return table.set_axis([g.heading for g in groups], axis=1).rename_axis("metric")
 
 
-def render_markdown(groups: list, rows: list) -> str:
-    """Markdown version of the summary table with a short legend."""
-    header, body = table_matrix(groups, rows)
-    esc = lambda s: str(s).replace("|", "\\|")
-    lines = ["# Results", "",
-             "Mean ± Std across seeds (sample std, ddof=1; n/a with one seed). "
-             "Steps are env steps; forward transfer on returns/1000.", "",
-             "| " + " | ".join(esc(h) for h in header) + " |",
-             "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(esc(c) for c in line) + " |" for line in body]
-    lines += ["", "## Groups", ""]
-    for g in groups:
-        seeds = ", ".join(str(r.seed) for r in g.runs)
-        lines.append(f"- **{esc(g.label)}**: {len(g.runs)} run(s), seeds {seeds}; "
-                     f"{g.schedule.describe()}")
-    return "\n".join(lines) + "\n"
+def markdown_table(table: pd.DataFrame) -> str:
+    """A table (index as the first column) in Markdown; '|' is escaped."""
+    lines = [[table.index.name, *table.columns], ["---"] * (len(table.columns) + 1),
+             *([index, *row] for index, row in zip(table.index, table.to_numpy().tolist()))]
+    return "\n".join("| " + " | ".join(str(x).replace("|", "\\|") for x in line) + " |" for line in lines)
 
 
-def write_csv(path: str, rows: list) -> None:
-    """Write the long-format summary rows to CSV."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["group", "n_runs", "metric", "mean", "std", "n"])
-        writer.writeheader()
-        writer.writerows(rows)
+# ----------------------------------------------------------------- plots
 
 
-def write_per_run_csv(path: str, groups: list) -> None:
-    """Write every run's metrics (one row per run) to CSV."""
-    names = metric_names(groups)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["group", "run", "seed"] + names)
-        for g in groups:
-            for run, metrics in zip(g.runs, g.metrics):
-                writer.writerow([g.label, run.path, run.seed] +
-                                [metrics.get(n, "") for n in names])
-
-
-# --------------------------------------------------------------------------
-# Plots
-# --------------------------------------------------------------------------
-
-
-@dataclass
-class Panel:
-    """One plotted curve metric: a title, y label and per-run extractor."""
-
-    name: str
-    title: str
-    ylabel: str
-    extract: object  # Run -> (steps, values)
-    task: int | None = None  # highlight the windows of this task
-
-
-def align_series(series: list, max_points: int = 400) -> tuple | None:
-    """Put runs on a common step grid; (grid, matrix runs x grid) with NaN gaps.
-
-    The grid is the union of logged steps, or bin centres (bin means) when
-    that union is longer than ``max_points``. Outside a run's logged range
-    its row is NaN, so a shorter seed does not drag the mean down.
-    """
-    series = [dedupe_steps(s, v) for s, v in series]
-    series = [(s, v) for s, v in series if len(s)]
-    if not series:
-        return None
-    union = np.unique(np.concatenate([s for s, _ in series]))
-    if len(union) <= max_points:
-        rows = [_interp_inside(s, v, union) for s, v in series]
-        return union, np.vstack(rows)
-    edges = np.linspace(union[0], union[-1], max_points + 1)
-    grid = 0.5 * (edges[:-1] + edges[1:])
-    rows = [_interp_inside(*_bin_means(s, v, edges), grid) for s, v in series]
-    return grid, np.vstack(rows)
-
-
-def _interp_inside(steps, values, grid) -> np.ndarray:
-    """Linear interpolation on ``grid``, NaN outside [steps[0], steps[-1]]."""
-    out = np.interp(grid, steps, values)
-    out[(grid < steps[0]) | (grid > steps[-1])] = np.nan
-    return out
-
-
-def _bin_means(steps, values, edges) -> tuple:
-    """Bin centres and mean values of the non-empty bins."""
-    idx = np.clip(np.digitize(steps, edges) - 1, 0, len(edges) - 2)
-    counts = np.bincount(idx, minlength=len(edges) - 1)
-    sums = np.bincount(idx, weights=values, minlength=len(edges) - 1)
-    centres = 0.5 * (edges[:-1] + edges[1:])
-    full = counts > 0
-    return centres[full], sums[full] / counts[full]
-
-
-def mean_std_curve(matrix: np.ndarray) -> tuple:
-    """Column mean and sample std (0 where fewer than two runs have data)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        mean = np.nanmean(matrix, axis=0)
-        counts = np.sum(np.isfinite(matrix), axis=0)
-        std = np.where(counts > 1, np.nanstd(matrix, axis=0, ddof=1) if len(matrix) > 1 else 0.0, 0.0)
-    return mean, np.nan_to_num(std)
-
-
-def cumulative_detections(run: Run) -> tuple:
-    """Cumulative LLCD detection count on a regular grid (empty if no LLCD)."""
-    if not run_uses_llcd(run):
-        return np.zeros(0), np.zeros(0)
-    steps, values = run.series(LLCD_DETECTION_KEY)
-    det = np.sort(steps[values > 0])
-    grid = np.linspace(0.0, max(run.last_step, 1.0), 300)
-    return grid, np.searchsorted(det, grid, side="right").astype(float)
+def cumulative_detections(run: Run) -> pd.Series:
+    """Cumulative LLCD detection count on a regular grid (empty without LLCD)."""
+    if not run.uses_llcd:
+        return pd.Series(dtype=float)
+    grid = np.linspace(0.0, max(run.last_step, 1.0), CURVE_POINTS)
+    return pd.Series(np.searchsorted(np.sort(run.detection_steps()), grid, side="right"), index=grid, dtype=float)
 
 
 def build_panels(groups: list) -> list:
-    """The curve panels: per-task return, P(t), model loss, LLCD if present."""
+    """(name, title, y label, Run -> curve, highlighted task) of every curve: eval return per task, P(t),
+    and the model loss and LLCD curves where logged."""
     runs = [r for g in groups for r in g.runs]
-    tasks = list(OrderedDict.fromkeys(t for g in groups for t in g.schedule.distinct_tasks()))
-    panels = [Panel(f"eval_return_task{t}", f"Eval return, task {t}", "return",
-                    (lambda r, t=t: r.eval_curve(t)), task=t) for t in tasks]
-    panels.append(Panel("avg_performance", "Average performance P(t)", "mean return",
-                        lambda r: compute_avg_performance(
-                            [r.eval_curve(t) for t in r.schedule.distinct_tasks()])))
-    optional = [
-        (MODEL_LOSS_KEY, Panel("model_loss", "World-model loss", "loss",
-                               lambda r: r.series(MODEL_LOSS_KEY))),
-        (LLCD_SCORE_KEY, Panel("llcd_score", "LLCD surprise score", "score",
-                               lambda r: r.series(LLCD_SCORE_KEY))),
-        (LLCD_DETECTION_KEY, Panel("llcd_detections", "LLCD detections (cumulative)",
-                                   "detections", cumulative_detections)),
-        (LLCD_PROBE_KEY, Panel("llcd_probe_accuracy", "LLCD probe accuracy", "accuracy",
-                               lambda r: r.series(LLCD_PROBE_KEY))),
-    ]
-    for key, panel in optional:
-        if any(len(r.series(key)[0]) for r in runs):
-            panels.append(panel)
+    tasks = list(dict.fromkeys(t for g in groups for t in g.schedule.first_windows()))
+    panels = [(f"eval_return_task{t}", f"Eval return, task {t}", "return", lambda r, t=t: r.eval_curve(t), t)
+              for t in tasks]
+    panels.append(("avg_performance", "Average performance P(t)", "mean return", lambda r: average_performance(
+        [r.eval_curve(t) for t in r.schedule.first_windows()]), None))
+    logged = [(LOSS_KEY, "World-model loss", "loss"), (SCORE_KEY, "LLCD surprise score", "score"),
+              (PROBE_KEY, "LLCD probe accuracy", "accuracy")]
+    panels += [(key, title, ylabel, lambda r, key=key: r.series(key), None) for key, title, ylabel in logged
+               if any(key in r.scalars for r in runs)]
+    if any(DETECTION_KEY in r.scalars for r in runs):
+        panels.append(("llcd_detections", "LLCD detections (cumulative)", "detections", cumulative_detections, None))
     return panels
 
 
-def _matplotlib():
-    """Import pyplot with the non-interactive Agg backend and paper fonts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11,
-                         "legend.fontsize": 10, "xtick.labelsize": 9.5,
-                         "ytick.labelsize": 9.5, "axes.spines.top": False,
-                         "axes.spines.right": False})
-    return plt
-
-
-def _step_formatter():
-    """Tick formatter for env steps: 1500 -> 1.5K, 2e6 -> 2M."""
-    from matplotlib.ticker import FuncFormatter
-
-    def fmt(x, _pos):
-        for scale, suffix in ((1e6, "M"), (1e3, "K")):
-            if abs(x) >= scale:
-                return f"{x / scale:g}{suffix}"
-        return f"{x:g}"
-
-    return FuncFormatter(fmt)
+def curve_frame(groups: list, extract) -> pd.DataFrame:
+    """Long frame (group, run, step, value): each run's curve interpolated on its group's step grid (the
+    union of steps, or CURVE_POINTS even steps if longer), missing outside the run's range."""
+    frames = []
+    for group in groups:
+        curves = [c for c in map(extract, group.runs) if len(c)]
+        union = np.unique(np.concatenate([c.index for c in curves])) if curves else []
+        grid = union if len(union) <= CURVE_POINTS else np.linspace(union[0], union[-1], CURVE_POINTS)
+        frames += [pd.DataFrame({"group": group.heading, "run": i, "step": grid, "value": np.interp(
+            grid, c.index, c.to_numpy(), left=np.nan, right=np.nan)}) for i, c in enumerate(curves)]
+    return pd.concat(frames).dropna() if frames else pd.DataFrame(columns=["group", "run", "step", "value"])
 
 
-def group_colors(groups: list) -> list:
-    """One distinct colour per group."""
-    plt = _matplotlib()
-    cmap = plt.get_cmap("tab10")
-    return [cmap(i % 10) for i in range(len(groups))]
-
-
-def draw_task_switches(ax, groups: list, task: int | None = None) -> None:
-    """Dashed lines at window starts, task ids on top; shade ``task``'s windows."""
-    from matplotlib.transforms import blended_transform_factory
-
-    trans = blended_transform_factory(ax.transData, ax.transAxes)
-    seen = {}
-    for g in groups:
-        for w in g.schedule.windows():
-            seen.setdefault(w.start, w)
-    for start, w in sorted(seen.items()):
+def draw_task_switches(ax, groups: list, task: int | None) -> None:
+    """Dashed lines at window starts labelled Tk; ``task``'s windows shaded."""
+    starts = {}
+    for window in (w for g in groups for w in g.schedule.windows()):
+        starts.setdefault(window.start, window)
+    for start, window in sorted(starts.items()):
         ax.axvline(start, color="0.35", linestyle="--", linewidth=0.9, zorder=1)
-        ax.text(start, 1.005, f"T{w.task}", transform=trans, ha="center",
-                va="bottom", fontsize=8.5, color="0.25", clip_on=False)
-        if task is not None and w.task == task and math.isfinite(w.end):
-            ax.axvspan(w.start, w.end, color="0.92", zorder=0, linewidth=0)
+        ax.text(start, 1.005, f"T{window.task}", transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                fontsize=8.5, color="0.25", clip_on=False)
+        if window.task == task and math.isfinite(window.end):
+            ax.axvspan(window.start, window.end, color="0.92", zorder=0, linewidth=0)
 
 
-def plot_panel(ax, panel: Panel, groups: list, colors: list) -> None:
-    """Draw one panel: mean line and ±std band per group, task switches."""
-    for group, color in zip(groups, colors):
-        aligned = align_series([panel.extract(r) for r in group.runs])
-        if aligned is None:
-            continue
-        grid, matrix = aligned
-        mean, std = mean_std_curve(matrix)
-        ax.plot(grid, mean, color=color, linewidth=1.8, label=group.label, zorder=3)
-        ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.22,
-                        linewidth=0, zorder=2)
-        if panel.name == "llcd_score":
-            _draw_detection_ticks(ax, group, color)
-    if panel.name == "llcd_score":  # free a strip below the data for the ticks
-        low, high = ax.get_ylim()
-        ax.set_ylim(low - 0.15 * (high - low), high)
-    draw_task_switches(ax, groups, panel.task)
-    ax.set_title(panel.title, pad=16)
-    ax.set_xlabel("env steps")
-    ax.set_ylabel(panel.ylabel)
-    ax.xaxis.set_major_formatter(_step_formatter())
+def draw_detections(ax, groups: list, palette: dict) -> None:
+    """One row of ticks per run, in a strip below the data, at its LLCD detections."""
+    low, high = ax.get_ylim()
+    ax.set_ylim(low - 0.15 * (high - low), high)
+    for row, (run, color) in enumerate((r, palette[g.heading]) for g in groups for r in g.runs):
+        steps = run.detection_steps()
+        ax.plot(steps, np.full(len(steps), 0.025 + 0.035 * row), "|", color=color, markersize=8,
+                markeredgewidth=1.6, transform=ax.get_xaxis_transform(), zorder=4)
+
+
+def plot_panel(ax, panel: tuple, groups: list, palette: dict) -> None:
+    """Mean and 95% bootstrap CI band per group (seaborn), task switches, LLCD detections."""
+    name, title, ylabel, extract, task = panel
+    data = curve_frame(groups, extract)
+    if len(data):
+        sns.lineplot(data, x="step", y="value", hue="group", palette=palette, errorbar=("ci", 95),
+                     n_boot=PLOT_BOOT, seed=BOOTSTRAP_SEED, linewidth=1.8, legend=False, ax=ax)
+    if name == SCORE_KEY:
+        draw_detections(ax, groups, palette)
+    draw_task_switches(ax, groups, task)
+    ax.set_title(title, pad=16)
+    ax.set(xlabel="env steps", ylabel=ylabel)
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     ax.grid(True, axis="y", alpha=0.3)
-    ax.margins(x=0.01)
 
 
-def _draw_detection_ticks(ax, group: Group, color) -> None:
-    """Small markers at the bottom of the axes at every detection of a group."""
-    from matplotlib.transforms import blended_transform_factory
-
-    trans = blended_transform_factory(ax.transData, ax.transAxes)
-    for i, run in enumerate(group.runs):
-        steps, values = run.series(LLCD_DETECTION_KEY)
-        det = steps[values > 0]
-        ax.plot(det, np.full(len(det), 0.025 + 0.035 * i), "|", color=color,
-                markersize=8, markeredgewidth=1.6, transform=trans, zorder=4)
-
-
-def _legend_handles(groups: list, colors: list, detections: bool = False) -> tuple:
-    """Legend handles: one line per group, task switch, LLCD detection ticks."""
-    from matplotlib.lines import Line2D
-
-    handles = [Line2D([], [], color=c, linewidth=2.2) for c in colors]
-    labels = [f"{g.label} (n={len(g.runs)})" for g in groups]
-    handles.append(Line2D([], [], color="0.35", linestyle="--", linewidth=0.9))
-    labels.append("task switch (Tk = task k)")
-    if detections:
-        handles.append(Line2D([], [], color="0.35", linestyle="none", marker="|",
-                              markersize=8, markeredgewidth=1.6))
-        labels.append("LLCD detection (one row per seed)")
-    return handles, labels
-
-
-def legend_columns(labels: list, width_in: float) -> int:
-    """Most legend columns whose entries fit in the figure width."""
-    entry = max(len(label) for label in labels) * 0.085 + 0.8  # inches at 10 pt
-    return max(1, min(len(labels), int(0.95 * width_in // entry)))
-
-
-def grid_shape(n_panels: int) -> tuple:
-    """(rows, cols): at most 4 columns, as few empty cells as possible."""
-    if n_panels <= 4:
-        return 1, n_panels
-    cols = min((4, 3), key=lambda c: (-n_panels % c, -c))
-    return math.ceil(n_panels / cols), cols
-
-
-def share_x_range(axes: list) -> None:
-    """Give every axes the union of their x ranges."""
-    lows, highs = zip(*(ax.get_xlim() for ax in axes))
-    for ax in axes:
-        ax.set_xlim(min(lows), max(highs))
-
-
-def plot_grid(groups: list, panels: list, path: str) -> None:
-    """All panels in one figure with a shared legend below the grid."""
-    plt = _matplotlib()
-    colors = group_colors(groups)
-    nrows, ncols = grid_shape(len(panels))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.5 * nrows + 0.8),
-                             squeeze=False)
+def plot_curves(groups: list, panels: list, palette: dict, path: str) -> None:
+    """Panels in a grid of up to 4 columns, shared x range, legend below."""
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(6.4, 4.6 * cols), 3.5 * rows + 0.5), squeeze=False)
     used = list(axes.flat)[:len(panels)]
     for ax, panel in zip(used, panels):
-        plot_panel(ax, panel, groups, colors)
-    share_x_range(used)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
-    has_ticks = any(p.name == "llcd_score" for p in panels)
-    handles, labels = _legend_handles(groups, colors, has_ticks)
-    ncol = legend_columns(labels, fig.get_figwidth())
-    legend_rows = math.ceil(len(labels) / ncol)
-    bottom = (0.25 + 0.28 * legend_rows) / fig.get_figheight()
-    fig.legend(handles, labels, loc="lower center", ncol=ncol,
-               frameon=False, bbox_to_anchor=(0.5, 0.0))
-    fig.tight_layout(rect=(0, bottom, 1, 1), h_pad=1.6, w_pad=1.2)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-
-
-def plot_single_panel(groups: list, panel: Panel, path: str) -> None:
-    """One panel in its own figure (legend below the axes)."""
-    plt = _matplotlib()
-    shown = [(g, c) for g, c in zip(groups, group_colors(groups))
-             if any(len(panel.extract(r)[0]) for r in g.runs)]
-    handles, labels = _legend_handles([g for g, _ in shown], [c for _, c in shown],
-                                      panel.name == "llcd_score")
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    plot_panel(ax, panel, [g for g, _ in shown] or groups, [c for _, c in shown])
-    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2),
-              ncol=1, frameon=False)
+        plot_panel(ax, panel, groups, palette)
+    lows, highs = zip(*(ax.get_xlim() for ax in used))
+    for ax in axes.flat:
+        ax.set(xlim=(min(lows), max(highs)), visible=ax in used)
+    handles = [Line2D([], [], color=palette[g.heading], linewidth=2.2) for g in groups]
+    handles.append(Line2D([], [], color="0.35", linestyle="--", linewidth=0.9))
+    labels = [g.heading for g in groups] + ["task switch (Tk = task k)"]
+    if any(panel[0] == SCORE_KEY for panel in panels):
+        handles.append(Line2D([], [], color="0.35", linestyle="none", marker="|", markersize=8, markeredgewidth=1.6))
+        labels.append("LLCD detection (one row per seed)")
     fig.tight_layout()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=max(1, cols // 2), frameon=False)
     fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
 
 
-def metric_families(groups: list) -> OrderedDict:
-    """Per-task metric families {'forgetting': ['forgetting/task0', ...]}."""
-    families: OrderedDict = OrderedDict()
-    for name in metric_names(groups):
-        family, _, item = name.partition("/")
-        if item.startswith("task"):
-            families.setdefault(family, []).append(name)
-    return families
-
-
-FAMILY_LABELS = {
-    "best_return": ("Best return in the task's first window", "return"),
-    "final_return": ("Final return", "return"),
-    "forgetting": ("Forgetting $F_i = p_i(e_i) - p_i(T)$", "return"),
-    "forgetting_max": ("Forgetting $F_i^{max} = \\max_{t \\leq e_i} p_i(t) - p_i(T)$", "return"),
-    "forward_transfer": ("Forward transfer $FT_i$", "FT (normalised AUC)"),
-    "convergence_steps": ("Steps to 90% of the window's best return", "env steps"),
-}
-
-
-def plot_metric_bars(groups: list, family: str, names: list, path: str) -> None:
-    """Grouped bars (mean ± std, seeds as dots) of one per-task metric family."""
-    plt = _matplotlib()
-    colors = group_colors(groups)
+def plot_metric_bars(wide: pd.DataFrame, groups: list, family: str, palette: dict, path: str) -> None:
+    """Bars (mean and 95% bootstrap CI, seeds as dots) per task of one per-task metric family."""
+    names = [c for c in wide.columns if c.startswith(f"{family}/task")]
+    data = wide.melt(id_vars="group", value_vars=names, var_name="metric").dropna()
+    data = data.assign(task=data["metric"].str.removeprefix(f"{family}/"), group=data["group"].map(
+        {g.label: g.heading for g in groups}))
+    order, hues = [n.removeprefix(f"{family}/") for n in names], [g.heading for g in groups]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(names) + 2.0), 4.2 + 0.3 * len(groups)))
-    width = 0.8 / len(groups)
-    x = np.arange(len(names))
-    for i, (group, color) in enumerate(zip(groups, colors)):
-        offs = x - 0.4 + width * (i + 0.5)
-        values = [[m.get(n, math.nan) for m in group.metrics] for n in names]
-        stats = [summarize(v) for v in values]
-        means = [s[0] for s in stats]
-        stds = [0.0 if not math.isfinite(s[1]) else s[1] for s in stats]
-        ax.bar(offs, means, width * 0.9, yerr=stds, color=color, alpha=0.8,
-               capsize=3, label=f"{group.label} (n={len(group.runs)})")
-        for xo, vals in zip(offs, values):
-            ax.plot(np.full(len(vals), xo), vals, "o", color="0.15", markersize=3, zorder=4)
-    ax.set_xticks(x, [n.partition("/")[2].replace("task", "task ") for n in names])
-    title, ylabel = FAMILY_LABELS.get(family, (family.replace("_", " "), ""))
-    ax.set_title(title)
-    ax.set_ylabel(ylabel)
+    sns.barplot(data, x="task", y="value", hue="group", order=order, hue_order=hues, palette=palette, alpha=0.8,
+                errorbar=("ci", 95), n_boot=PLOT_BOOT, seed=BOOTSTRAP_SEED, capsize=0.1, ax=ax)
+    sns.stripplot(data, x="task", y="value", hue="group", order=order, hue_order=hues, dodge=True, legend=False,
+                  palette={h: "0.15" for h in hues}, size=3, jitter=False, ax=ax)
+    ax.set(title=FAMILY_TITLES.get(family, family.replace("_", " ")), xlabel="", ylabel="")
     ax.axhline(0, color="0.3", linewidth=0.8)
-    ax.grid(True, axis="y", alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
-    fig.tight_layout()
     fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
 
 
-def write_plots(groups: list, out: str) -> list:
-    """Write the grid figure, one curve PNG per panel and one bar PNG per family."""
+def write_plots(groups: list, wide: pd.DataFrame, out: str) -> list:
+    """The grid of every curve, one curve PNG per panel and one bar PNG per per-task metric family."""
+    sns.set_theme(style="ticks", rc={"axes.spines.top": False, "axes.spines.right": False})
+    palette = dict(zip((g.heading for g in groups), sns.color_palette("tab10", len(groups))))
     panels = build_panels(groups)
-    written = [os.path.join(out, "final_results_grid_shaded.png")]
-    plot_grid(groups, panels, written[0])
-    for panel in panels:
-        written.append(os.path.join(out, f"curve_{panel.name}.png"))
-        plot_single_panel(groups, panel, written[-1])
-    for family, names in metric_families(groups).items():
-        written.append(os.path.join(out, f"bars_{family}.png"))
-        plot_metric_bars(groups, family, names, written[-1])
-    return written
+    figures = [("final_results_grid_shaded", panels)] + [(f"curve_{p[0]}", [p]) for p in panels]
+    for name, shown in figures:
+        plot_curves(groups, shown, palette, os.path.join(out, f"{name}.png"))
+    families = list(dict.fromkeys(c.partition("/")[0] for c in wide.columns if "/task" in c and wide[c].notna().any()))
+    for family in families:
+        plot_metric_bars(wide, groups, family, palette, os.path.join(out, f"bars_{family}.png"))
+    return [os.path.join(out, f"{name}.png") for name in [n for n, _ in figures] + [f"bars_{f}" for f in families]]
 
 
-# --------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------
+# ----------------------------------------------------------------- outputs
+
+
+def write_outputs(groups: list, refs: list, out: str) -> tuple:
+    """Print the tables; write CSVs, Markdown and PNGs. Returns (written paths, per-run table)."""
+    os.makedirs(out, exist_ok=True)
+    wide, stats = run_tables(groups, refs)
+    iqms = iqm_table(wide, groups)
+    table = cell_table(stats, [mean_std_cell(*row) for row in stats[["mean", "std", "n"]].to_numpy()], groups)
+    intervals = cell_table(iqms, [interval_cell(*row) for row in iqms[["iqm", "ci_low", "ci_high"]].to_numpy()], groups)
+    print("Mean ± Std across seeds (std: ddof=1, n/a for a single seed)\n" + table.to_string())
+    print("\nIQM [95% stratified-bootstrap CI] over seeds and tasks\n" + intervals.to_string())
+    written = [os.path.join(out, n) for n in ("results.csv", "results_per_run.csv", "results_iqm.csv", "results.md")]
+    for frame, path in zip((stats, wide, iqms), written):
+        frame.to_csv(path, index=False, na_rep="nan")
+    notes = [f"- **{g.label}**: {len(g.runs)} run(s), seeds {', '.join(str(r.seed) for r in g.runs)}; "
+             f"{g.schedule.describe()}" for g in groups]
+    with open(written[3], "w", encoding="utf-8") as f:
+        f.write("\n".join(["# Results", "", "Mean ± Std across seeds (sample std, ddof=1; n/a with one seed). "
+                           "Convergence in env steps, LLCD delays in agent steps; forward transfer on returns/1000; "
+                           "mean forgetting over the tasks trained before the last window.", "", markdown_table(table),
+                           "", "## IQM [95% stratified-bootstrap CI]", "", markdown_table(intervals), "",
+                           "## Groups", "", *notes]) + "\n")
+    return written + write_plots(groups, wide, out), wide
+
+
+def check_compare_labels(groups: list, labels: list) -> None:
+    """One-line error listing the groups when a --compare label is not one of them."""
+    known = [g.label for g in groups]
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        fail(f"--compare: no group '{unknown[0]}'; groups: " + ", ".join(f"'{k}'" for k in known))
+
+
+def print_comparison(groups: list, wide: pd.DataFrame, labels: list, out: str) -> str:
+    """Print P(A improves on B) per aggregate metric and write compare.csv; returns its path."""
+    by_label = {g.label: g for g in groups}
+    table = compare_table(wide, by_label[labels[0]], by_label[labels[1]])
+    cells = [interval_cell(*row) for row in table[["probability", "ci_low", "ci_high"]].to_numpy()]
+    print(f"\nP({labels[0]} improves on {labels[1]}) [95% CI], less forgetting is better:")
+    print(table[["metric", "tasks"]].assign(probability=cells).to_string(index=False))
+    path = os.path.join(out, "compare.csv")
+    table.assign(group_a=labels[0], group_b=labels[1]).to_csv(path, index=False, na_rep="nan")
+    return path
 
 
 # ----------------------------------------------------------------- offline detector replay
@@ -1163,8 +747,9 @@ def replay_stream(values: np.ndarray, steps: np.ndarray, settings: dict, name: s
     return [step for step, value in zip(steps.tolist(), values.tolist()) if instance.update(smoothing.update(value))]
 
 
-def detector_rows(run: Run, defaults: dict) -> list:
-    """One strict-scoring row per candidate score x detector of one run's recorded stream."""
+def detector_rows(run: Run, defaults: dict) -> tuple:
+    """(one strict-scoring row per candidate score x detector, one row per switch of each) of one run's
+    recorded stream."""
     settings = {**defaults, **run.config}
     with np.load(os.path.join(run.path, SCORES_FILE)) as data:
         stream = {key: data[key] for key in data.files}
@@ -1176,15 +761,11 @@ def detector_rows(run: Run, defaults: dict) -> list:
     rows, per_switch = [], []
     for score in (key for key in stream if key != "step"):
         for name in detector.DETECTORS:
-            found = replay_stream(stream[score], stream["step"], settings, name)
-            report = detection_report(found, switches, steps, max_delay, FALSE_ALARM_UNIT)
-            per_switch += [{"run": run.path, "score": score, "detector": name, "change": change,
-                            "agent_step": start, "outcome": outcome(delay, start + max_delay, steps),
-                            "delay": delay} for change, (start, _), delay in zip(changes, switches, report["delays"])]
-            rows.append({"run": run.path, "score": score, "detector": name, "switches": len(switches),
-                         "hits": report["hits"], "misses": report["misses"], "hit_rate": report["hit_rate"],
-                         "chance_hit_rate": report["chance_hit_rate"], "median_delay": report["median_delay"],
-                         "false_alarms": report["false_alarms"],
+            report = detection_report(replay_stream(stream[score], stream["step"], settings, name), switches, steps,
+                                      max_delay, FALSE_ALARM_UNIT)
+            per_switch += [(run.path, score, name, change, start, outcome(delay, start + max_delay, steps), delay)
+                           for change, (start, _), delay in zip(changes, switches, report["delays"])]
+            rows.append({"run": run.path, "score": score, "detector": name, "switches": len(switches), **report,
                          "false_alarms_per_100k": report["false_alarms_per_unit"], "agent_steps": steps})
     return rows, per_switch
 
@@ -1206,55 +787,18 @@ def switch_changes(run: Run, settings: dict) -> list:
     return labels
 
 
-def pooled_detector_rows(rows: list) -> list:
+def pooled_detector_rows(rows: pd.DataFrame) -> pd.DataFrame:
     """Per score x detector over all runs: summed counts, pooled rates, median of the run medians."""
-    pooled = []
-    for key in OrderedDict.fromkeys((r["score"], r["detector"]) for r in rows):
-        group = [r for r in rows if (r["score"], r["detector"]) == key]
-        hits, misses = sum(r["hits"] for r in group), sum(r["misses"] for r in group)
-        steps, alarms = sum(r["agent_steps"] for r in group), sum(r["false_alarms"] for r in group)
-        pooled.append({"run": f"all ({len(group)} runs)", "score": key[0], "detector": key[1],
-                       "switches": sum(r["switches"] for r in group), "hits": hits, "misses": misses,
-                       "hit_rate": hits / (hits + misses) if hits + misses else math.nan,
-                       "chance_hit_rate": _nanmean([r["chance_hit_rate"] for r in group]),
-                       "median_delay": float(np.nanmedian([r["median_delay"] for r in group]))
-                       if any(math.isfinite(r["median_delay"]) for r in group) else math.nan,
-                       "false_alarms": alarms, "false_alarms_per_100k": alarms / steps * FALSE_ALARM_UNIT
-                       if steps else math.nan, "agent_steps": steps})
-    return pooled
+    grouped = rows.groupby(["score", "detector"], sort=False)
+    sums = grouped[["switches", "hits", "misses", "false_alarms", "agent_steps"]].sum()
+    pooled = sums.assign(run=[f"all ({n} runs)" for n in grouped.size()],
+                         hit_rate=sums.hits / (sums.hits + sums.misses), median_delay=grouped["median_delay"].median(),
+                         chance_hit_rate=grouped["chance_hit_rate"].mean(),
+                         false_alarms_per_100k=sums.false_alarms / sums.agent_steps * FALSE_ALARM_UNIT)
+    return pooled.reset_index()[list(DETECTOR_COLUMNS)]
 
 
-def evaluate_detectors(runs: list, out: str) -> int:
-    """The ``--detectors`` mode: replay, print the strict table, write detectors.csv."""
-    defaults = config_defaults()
-    usable = [run for run in runs if os.path.isfile(os.path.join(run.path, SCORES_FILE))]
-    for run in runs:
-        if run not in usable:
-            warn(f"{run.path}: no {SCORES_FILE} (an LLCD run of this version writes it); skipped")
-    if not usable:
-        fail(f"no run has {SCORES_FILE}; run dreamer.py with --llcd True first")
-    rows, per_switch = [], []
-    for index, run in enumerate(usable, 1):
-        info(f"replaying {run.path} ({index}/{len(usable)})")
-        run_rows, run_switches = detector_rows(run, defaults)
-        rows, per_switch = rows + run_rows, per_switch + run_switches
-    table = rows + pooled_detector_rows(rows)
-    print(render_detector_table(table))
-    switches = pd.DataFrame(per_switch, columns=SWITCH_COLUMNS)
-    pair = (defaults["llcd_score"], defaults["llcd_detector"])
-    print(f"\nper change, default pair llcd_score={pair[0]}, llcd_detector={pair[1]} (pooled over runs):")
-    print(per_change_table(switches, *pair).to_string())
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "detectors.csv"), "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=DETECTOR_COLUMNS)
-        writer.writeheader()
-        writer.writerows(table)
-    switches.to_csv(os.path.join(out, "switches.csv"), index=False)
-    info(f"wrote {os.path.join(out, 'detectors.csv')} and switches.csv (every switch of every score x detector)")
-    return 0
-
-
-def per_change_table(switches: "pd.DataFrame", score: str, name: str) -> "pd.DataFrame":
+def per_change_table(switches: pd.DataFrame, score: str, name: str) -> pd.DataFrame:
     """Hits / decided switches and median hit delay per change of one score x detector pair."""
     rows = switches[(switches["score"] == score) & (switches["detector"] == name) & (switches["outcome"] != "pending")]
     grouped = rows.groupby("change", sort=False)
@@ -1263,94 +807,86 @@ def per_change_table(switches: "pd.DataFrame", score: str, name: str) -> "pd.Dat
                          "delays": grouped["delay"].apply(lambda d: " ".join(f"{x:.0f}" for x in d.dropna()))})
 
 
-def render_detector_table(rows: list) -> str:
+def render_detector_table(table: pd.DataFrame) -> str:
     """Plain-text table of detector rows (hit rate next to its chance level)."""
     header = ["run", "score", "detector", "hits/switches", "hit rate (chance)", "median delay", "FA/100K"]
     lines = [[r["run"], r["score"], r["detector"], f"{r['hits']}/{r['hits'] + r['misses']}",
               f"{r['hit_rate']:.2f} ({r['chance_hit_rate']:.2f})", f"{r['median_delay']:.0f}",
-              f"{r['false_alarms_per_100k']:.1f}"] for r in rows]
+              f"{r['false_alarms_per_100k']:.1f}"] for r in table.to_dict("records")]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
     render = [" | ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [header, *lines]]
     return "\n".join([render[0], "-+-".join("-" * w for w in widths), *render[1:]])
 
 
+def evaluate_detectors(runs: list, out: str) -> int:
+    """The ``--detectors`` mode: replay, print the strict table, write detectors.csv and switches.csv."""
+    defaults = config_defaults()
+    usable = [run for run in runs if os.path.isfile(os.path.join(run.path, SCORES_FILE))]
+    for run in (run for run in runs if run not in usable):
+        warn(f"{run.path}: no {SCORES_FILE} (an LLCD run of this version writes it); skipped")
+    if not usable:
+        fail(f"no run has {SCORES_FILE}; run dreamer.py with --llcd True first")
+    rows, per_switch = [], []
+    for index, run in enumerate(usable, 1):
+        info(f"replaying {run.path} ({index}/{len(usable)})")
+        run_rows, run_switches = detector_rows(run, defaults)
+        rows, per_switch = rows + run_rows, per_switch + run_switches
+    runs_table = pd.DataFrame(rows, columns=DETECTOR_COLUMNS)
+    table = pd.concat([runs_table, pooled_detector_rows(runs_table)], ignore_index=True)
+    print(render_detector_table(table))
+    switches = pd.DataFrame(per_switch, columns=SWITCH_COLUMNS)
+    pair = (defaults["llcd_score"], defaults["llcd_detector"])
+    print(f"\nper change, default pair llcd_score={pair[0]}, llcd_detector={pair[1]} (pooled over runs):")
+    print(per_change_table(switches, *pair).to_string())
+    os.makedirs(out, exist_ok=True)
+    table.to_csv(os.path.join(out, "detectors.csv"), index=False, na_rep="nan")
+    switches.to_csv(os.path.join(out, "switches.csv"), index=False)
+    info(f"wrote {os.path.join(out, 'detectors.csv')} and switches.csv (every switch of every score x detector)")
+    return 0
+
+
+# ----------------------------------------------------------------- CLI
+
+
 def parse_args(argv: list | None) -> argparse.Namespace:
-    """Command-line arguments."""
-    parser = argparse.ArgumentParser(
-        prog="analyze_results.py",
-        description="Forgetting / transfer tables and plots from DreamerV3 CRL runs.")
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                        help="run directories or glob patterns")
+    parser = argparse.ArgumentParser(prog="analyze_results.py",
+                                     description="Forgetting / transfer tables and plots from DreamerV3 CRL runs.")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or glob patterns")
     parser.add_argument("--out", default="analysis", help="output directory (default: analysis/)")
     parser.add_argument("--reference", nargs="+", default=[], metavar="DIR",
-                        help="single-task reference runs for forward transfer")
+                        help="single-task reference runs (crl_tasks: [k]) for forward transfer")
     parser.add_argument("--group-by", nargs="+", default=None, metavar="KEY",
                         help="config keys replacing the default (domain llcd replay)")
+    parser.add_argument("--include-incomplete", action="store_true",
+                        help="keep runs that stop before their schedule ends in the group statistics")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                        help="probability that group A improves on group B (group labels as printed)")
     parser.add_argument("--detectors", action="store_true",
                         help="replay the recorded LLCD score streams through every score x detector pair")
     return parser.parse_args(argv)
 
 
-def check_runs(groups: list) -> list:
-    """Drop runs without eval rows, warn on incomplete runs, drop empty groups."""
-    kept = []
-    for group in groups:
-        for run in group.runs:
-            if not run.has_eval_rows():
-                warn(f"{run.path}: no eval rows (task_k_eval_return / eval_return); skipped")
-            elif math.isfinite(run.schedule.end) and run.last_step < run.schedule.end:
-                warn(f"{run.path}: stops at env step {run.last_step:.0f} before the schedule "
-                     f"ends at {run.schedule.end:.0f}")
-        group.runs = [r for r in group.runs if r.has_eval_rows()]
-        repeated = [s for s, c in Counter(r.seed for r in group.runs).items() if c > 1]
-        if repeated:
-            warn(f"group '{group.label}': seed(s) {repeated} appear more than once")
-        if group.runs:
-            kept.append(group)
-        else:
-            warn(f"group '{group.label}' is empty (no run with eval rows); skipped")
-    return kept
-
-
-def analyze(runs: list, refs: list, group_by: list | None) -> list:
-    """Group the runs and compute every run's metrics."""
-    groups = check_runs(group_runs(runs, group_by))
-    if not groups:
-        fail("no run has eval rows; nothing to analyse")
-    for group in groups:
-        group.metrics = [compute_run_metrics(r, refs) for r in group.runs]
-    return groups
-
-
-def write_outputs(groups: list, out: str) -> list:
-    """Print the table and write CSV, Markdown and PNGs; return written paths."""
-    os.makedirs(out, exist_ok=True)
-    rows = aggregate(groups)
-    print(render_console_table(groups, rows))
-    written = [os.path.join(out, n) for n in ("results.csv", "results_per_run.csv", "results.md")]
-    write_csv(written[0], rows)
-    write_per_run_csv(written[1], groups)
-    with open(written[2], "w", encoding="utf-8") as f:
-        f.write(render_markdown(groups, rows))
-    return written + write_plots(groups, out)
-
-
 def main(argv: list | None = None) -> int:
     """CLI entry point."""
     args = parse_args(argv)
-    paths = expand_paths(args.runs)
-    runs = load_runs(paths)
+    runs = load_runs(expand_paths(args.runs))
     if not runs:
         fail("no run directory with config.yaml and metrics.jsonl among: " + " ".join(args.runs))
     if args.detectors:
         return evaluate_detectors(runs, args.out)
     refs = load_runs(expand_paths(args.reference), what="reference") if args.reference else []
-    for ref in refs:
-        if ref.reference_task() is None:
-            warn(f"reference {ref.path} is not a single-task run (crl_tasks == [i] or task_id); ignored")
+    for ref in (ref for ref in refs if ref.reference_task is None):
+        warn(f"reference {ref.path} is not a single-task run (crl_tasks: [k]); ignored")
     info(f"analysing {len(runs)} run(s)" + (f" with {len(refs)} reference(s)" if refs else ""))
-    groups = analyze(runs, refs, args.group_by)
-    written = write_outputs(groups, args.out)
+    groups = select_runs(group_runs(runs, args.group_by), args.include_incomplete)
+    if not groups:
+        fail("every run with eval rows is incomplete; pass --include-incomplete to analyse them"
+             if any(r.has_eval_rows for r in runs) else "no run has eval rows; nothing to analyse")
+    if args.compare:
+        check_compare_labels(groups, args.compare)
+    written, wide = write_outputs(groups, refs, args.out)
+    if args.compare:
+        written.append(print_comparison(groups, wide, args.compare, args.out))
     info(f"wrote {len(written)} files to {args.out}/")
     return 0
 

@@ -20,7 +20,9 @@ import sys
 
 import numpy as np
 import pytest
+from rliable import library as rly, metrics as rly_metrics
 from ruamel.yaml import YAML
+from scipy.stats import trim_mean
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -95,18 +97,19 @@ def build_dataset(root):
         runs / "s2", base_config(seed=2),
         crl_rows(CURVES_SEED2, losses=[2 * i for i in range(1, 21)],
                  detections=[1000, 1500, 2000], probe=[(2500, 1.0)]))
+    # crl_steps_per_task 300: the schedule ends at env step (250 + 4 * 300) * 2 = 2900.
     odd = write_run(
         runs / "s3_other_schedule", base_config(seed=3, crl_steps_per_task=300),
-        crl_rows(CURVES_SEED1, losses=[1.0]))
+        crl_rows(CURVES_SEED1, losses=[1.0]) + [{"step": 2900, "model_loss": 1.0}])
     refs = root / "refs"
     # Task 0 reference: crl_tasks == [0], prefill 0 -> window starts at step 0.
     write_run(refs / "ref0", base_config(crl_tasks=[0], prefill=0),
               reference_rows("task_0_eval_return", [0, 125, 250, 375, 500, 625],
                              [0, 200, 400, 600, 800, 1000]))
-    # Task 1 reference: no crl_tasks, task_id 1, prefill 50 agent steps x 2
+    # Task 1 reference: crl_tasks == [1], prefill 50 agent steps x 2
     # -> its window starts at env step 100; aligned by steps since 100.
-    write_run(refs / "ref1", base_config(crl_tasks=[], task_id=1, prefill=50),
-              reference_rows("eval_return", [100, 225, 350, 475, 600, 725],
+    write_run(refs / "ref1", base_config(crl_tasks=[1], prefill=50),
+              reference_rows("task_1_eval_return", [100, 225, 350, 475, 600, 725],
                              [0, 250, 500, 750, 1000, 1000]))
     return seed1, seed2, odd
 
@@ -200,8 +203,9 @@ def test_forgetting_both_definitions(report):
         assert_cell(report, f"forgetting/task{task}", forgetting[task], forgetting[task])
         assert_cell(report, f"forgetting_max/task{task}",
                     forgetting_max[task], forgetting_max[task])
-    assert_cell(report, "forgetting/mean", 640 / 4, 640 / 4)       # 160
-    assert_cell(report, "forgetting_max/mean", 700 / 4, 700 / 4)   # 175
+    # the means leave out task 3, trained last (its forgetting is 0 by construction)
+    assert_cell(report, "forgetting/mean", 640 / 3, 640 / 3)       # 213.3
+    assert_cell(report, "forgetting_max/mean", 700 / 3, 700 / 3)   # 233.3
 
 
 def test_forward_transfer(report):
@@ -274,7 +278,7 @@ def test_console_and_markdown_tables(report):
     assert "± n/a" in report["stdout"]  # the one-seed group
     md = (report["out"] / "results.md").read_text()
     assert "| best_return/task0 | 925.0 ± 35.4 |" in md
-    assert "| forgetting/mean | 160.0 ± 0.0 |" in md  # identical across seeds
+    assert "| forgetting/mean | 213.3 ± 0.0 |" in md  # identical across seeds
 
 
 def test_output_files_written(report):
@@ -368,6 +372,124 @@ def test_cli_subprocess_usage_error_is_one_line(tmp_path):
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("analyze_results: error:")
+
+
+def write_offset_runs(root, offsets, **config):
+    """One run per offset: the seed-1 curves plus that offset (complete schedule)."""
+    return [write_run(root / f"o{i}", base_config(seed=i, **config),
+                      crl_rows({t: [v + offset for v in vals] for t, vals in CURVES_SEED1.items()}, [1.0]))
+            for i, offset in enumerate(offsets)]
+
+
+def read_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_iqm_and_ci_match_rliable(tmp_path, capsys):
+    # Five seeds, final returns 500 800 400 600 per task plus offsets 0 10 20 200 -300.
+    offsets = [0, 10, 20, 200, -300]
+    write_offset_runs(tmp_path / "runs", offsets)
+    assert ar.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    iqm = {r["metric"]: r for r in read_rows(tmp_path / "out" / "results_iqm.csv")}
+    # P(T) = 575 + offset: 275, 575, 585, 595, 775 -> the IQM drops one value at each end (25% of 5)
+    # and averages 575, 585, 595 = 585.
+    perf = np.array([[575.0 + o] for o in offsets])
+    assert float(iqm["avg_performance"]["iqm"]) == pytest.approx(585.0)
+    final = np.array([[f + o for f in (500, 800, 400, 600)] for o in offsets])
+    assert float(iqm["final_return"]["iqm"]) == pytest.approx(trim_mean(final, 0.25, axis=None))
+    assert (iqm["final_return"]["runs"], iqm["final_return"]["tasks"]) == ("5", "4")
+    # forgetting: tasks 0-2 only (task 3 is trained last), the same for every seed: 350 190 100
+    assert iqm["forgetting"]["tasks"] == "3"
+    assert float(iqm["forgetting"]["iqm"]) == pytest.approx(trim_mean([350, 190, 100] * 5, 0.25))
+    for metric, scores in (("avg_performance", perf), ("final_return", final)):
+        np.random.seed(0)
+        _, ci = rly.get_interval_estimates({"x": scores}, lambda x: np.array([rly_metrics.aggregate_iqm(x)]),
+                                           reps=2000)
+        assert (float(iqm[metric]["ci_low"]), float(iqm[metric]["ci_high"])) == pytest.approx(tuple(ci["x"][:, 0]))
+    assert "IQM" in capsys.readouterr().out
+
+
+def test_mean_forgetting_leaves_out_last_trained_task():
+    # crl_tasks [0, 1, 2], prefill 0, spt 100, action_repeat 1; evals every 50 up to T = 300.
+    steps = [0, 50, 100, 150, 200, 250, 300]
+    curves = {0: [0, 800, 900, 700, 600, 500, 400], 1: [0, 0, 0, 500, 700, 650, 600],
+              2: [0, 0, 0, 0, 0, 300, 500]}
+    run = ar.Run("mem", base_config(crl_tasks=[0, 1, 2], prefill=0, crl_steps_per_task=100, action_repeat=1),
+                 {f"task_{t}_eval_return": (np.array(steps, float), np.array(v, float)) for t, v in curves.items()})
+    m = ar.compute_run_metrics(run)
+    # F0 = 900 - 400 = 500, F1 = 700 - 600 = 100, F2 = 500 - 500 = 0 (trained last: left out)
+    assert (m["forgetting/task0"], m["forgetting/task1"], m["forgetting/task2"]) == (500, 100, 0)
+    assert m["forgetting/mean"] == (500 + 100) / 2
+    # Fmax0 = 900 - 400, Fmax1 = 700 - 600
+    assert m["forgetting_max/mean"] == (500 + 100) / 2
+
+
+def test_incomplete_run_left_out_and_unfinished_windows_missing(tmp_path, capsys):
+    write_run(tmp_path / "runs" / "full", base_config(seed=1), crl_rows(CURVES_SEED1, [1.0]))
+    # seed 2 stops at env step 1250, inside task 1's window [1000, 1500)
+    short_rows = [r for r in crl_rows(CURVES_SEED2, [1.0]) if r["step"] <= 1250]
+    short = write_run(tmp_path / "runs" / "short", base_config(seed=2), short_rows)
+    assert ar.main([str(tmp_path / "runs"), "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert f"{short}: incomplete, stops at env step 1250 before the schedule ends at 2500" in err
+    table = {r["metric"]: r for r in read_rows(tmp_path / "a" / "results.csv")}
+    assert table["forgetting/task0"]["n_runs"] == "1" and float(table["forgetting/task0"]["mean"]) == 350
+    assert ar.main([str(tmp_path / "runs"), "--out", str(tmp_path / "b"), "--include-incomplete"]) == 0
+    table = {r["metric"]: r for r in read_rows(tmp_path / "b" / "results.csv")}
+    # seed 2: e_0 = step 1000 (850 + 50), T = 1250 (700 + 50): F0 = 150; task 1's window is unfinished
+    assert table["forgetting/task0"]["n"] == "2" and float(table["forgetting/task0"]["mean"]) == (350 + 150) / 2
+    assert table["forgetting/task1"]["n"] == "1" and float(table["forgetting/task1"]["mean"]) == 190
+    m = ar.compute_run_metrics(ar.load_run(short))
+    assert m["forgetting/task0"] == 150 and math.isnan(m["forgetting/task1"]) and math.isnan(m["forgetting_max/task2"])
+    assert m["forgetting/mean"] == 150
+
+
+def test_all_runs_incomplete_is_a_clear_error(tmp_path):
+    write_run(tmp_path / "short", base_config(), [r for r in crl_rows(CURVES_SEED1, [1.0]) if r["step"] <= 1250])
+    with pytest.raises(SystemExit) as exc:
+        ar.main([str(tmp_path / "short"), "--out", str(tmp_path / "o")])
+    assert "--include-incomplete" in str(exc.value)
+
+
+def test_llcd_delays_in_agent_steps():
+    # action_repeat 4, prefill 100, spt 500 agent steps: the switch to task 1 is at agent step 600 (env 2400);
+    # llcd_max_delay 0 = one episode = time_limit 1000 / 4 = 250 agent steps. Detections at env steps 400
+    # (agent 100: false alarm) and 2800 (agent 700: 100 agent steps after the switch, 400 env steps).
+    config = base_config(crl_tasks=[0, 1], prefill=100, crl_steps_per_task=500, action_repeat=4,
+                         llcd_max_delay=0, time_limit=1000)
+    scalars = {"task_0_eval_return": (np.array([0.0, 4400.0]), np.array([1.0, 2.0])),
+               "llcd_detection": (np.array([400.0, 2800.0]), np.array([1.0, 1.0]))}
+    m = ar.compute_run_metrics(ar.Run("mem", config, scalars))
+    assert m["llcd_delay_agent_steps/switch1_task1"] == 100 and m["llcd_hit_rate"] == 1
+    # 1 false alarm over the run's 4400 / 4 = 1100 agent steps
+    assert m["llcd_false_alarms_per_100k"] == pytest.approx(100_000 / 1100)
+
+
+def test_reference_is_a_one_entry_schedule():
+    assert ar.Run("mem", base_config(crl_tasks=[2]), {}).reference_task == 2
+    assert ar.Run("mem", base_config(crl_tasks=[], task_id=1), {}).reference_task is None
+    assert ar.Run("mem", base_config(), {}).reference_task is None
+
+
+def test_compare_probability_of_improvement(tmp_path, capsys):
+    write_offset_runs(tmp_path / "good", [100, 150], replay="fifo")
+    write_offset_runs(tmp_path / "base", [0, 50])
+    runs = [str(tmp_path / "good"), str(tmp_path / "base")]
+    good, base = "cartpole llcd=True replay=fifo", "cartpole llcd=True replay=reservoir"
+    assert ar.main(runs + ["--out", str(tmp_path / "o"), "--compare", good, base]) == 0
+    assert f"P({good} improves on {base})" in capsys.readouterr().out
+    rows = {r["metric"]: r for r in read_rows(tmp_path / "o" / "compare.csv")}
+    # every final return / P(T) of 'good' beats every one of 'base': probability 1 in every resample
+    for metric in ("final_return", "avg_performance"):
+        assert [float(rows[metric][k]) for k in ("probability", "ci_low", "ci_high")] == [1.0, 1.0, 1.0]
+    assert float(rows["forgetting"]["probability"]) == 0.5  # a constant offset forgets the same
+    groups = ar.group_runs(ar.load_runs(ar.expand_paths(runs)))
+    equal = ar.compare_table(ar.run_tables(groups, [])[0], groups[1], groups[1])
+    assert list(equal["probability"]) == [0.5] * 3  # final return, P(T), forgetting (no forward transfer)
+    with pytest.raises(SystemExit) as exc:
+        ar.main(runs + ["--out", str(tmp_path / "q"), "--compare", good, "nope"])
+    assert "no group 'nope'" in str(exc.value) and f"'{base}'" in str(exc.value)
 
 
 # ----------------------------------------------------------------- offline detector replay
