@@ -4,6 +4,7 @@
     python bench.py --sizes small --precisions 32 --updates 5
     python bench.py --compile                        # also time updates with compile: True
     python bench.py --default-malloc                 # without keeping freed memory (see below)
+    python bench.py --skip update act --envs 2       # env steps/s of every suite only
 
 Rows:
 - ``update``: one gradient update (``Dreamer.train_step``: world model and
@@ -16,9 +17,11 @@ Rows:
 - ``act``: latency of one policy step (encoder, posterior step, actor) for
   one env, median over ``--act-steps`` steps; with and without LLCD (which
   adds the context step and the surprise score).
-- ``env``: env steps/s of ``--env-task`` under random actions with 1 env and
-  ``--envs`` envs in parallel processes (``parallel: True``), counted in env
-  steps (agent steps x action_repeat).
+- ``env``: env steps/s of each of ``--env-tasks`` (one per suite: DMC, Atari,
+  Crafter, Memory Maze, with its paper block's settings, e.g. Atari's action
+  repeat 4) under random actions with 1 env and ``--envs`` envs in parallel
+  processes (``parallel: True``, wrappers.Parallel), counted in env steps (agent
+  steps x action_repeat) over ``--env-seconds`` of stepping, resets included.
 
 Like ``dreamer.py`` on CPU, the benchmark first calls ``tools.keep_freed_memory``
 (glibc keeps freed pages instead of unmapping them); ``--default-malloc``
@@ -129,24 +132,31 @@ def bench_act(size, precision, device, llcd, args):
     return f"{'act llcd=' + str(llcd):<17} {size:<12} {device:<5} {str(precision):<5} {'':>8} {seconds * 1e3:>7.2f}ms"
 
 
-def bench_env(count, args):
-    config = tools.load_config(["--task", args.env_task, "--envs", str(count), "--parallel", str(count > 1)])
+# The config block whose env settings a suite's env row uses (DMC: the defaults).
+SUITE_BLOCKS = {"atari": ["atari100k"], "crafter": ["crafter"], "memorymaze": ["memorymaze"]}
+
+
+def bench_env(task, count, args):
+    blocks = SUITE_BLOCKS.get(task.split("_", 1)[0], [])
+    config = tools.load_config(["--configs", *blocks, "--task", task, "--envs", str(count),
+                                "--parallel", str(count > 1)])
     envs = dreamer.make_envs(config, "train", count)
     try:
         for env in envs:
             env.reset()()
         action_space = envs[0].action_space
-        steps = args.env_steps
-        start = time.perf_counter()
-        for _ in range(steps // count):
+        rounds, start = 0, time.perf_counter()
+        while time.perf_counter() - start < args.env_seconds:
             promises = [env.step(action_space.sample()) for env in envs]
             for env, promise in zip(envs, promises):
                 if promise()[2]:
                     env.reset()()
-        rate = steps // count * count * config.action_repeat / (time.perf_counter() - start)
+            rounds += 1
+        rate = rounds * count * config.action_repeat / (time.perf_counter() - start)
     finally:
         dreamer.close_envs(envs)
-    return f"{'env ' + str(count) + (' parallel' if count > 1 else ''):<17} {args.env_task:<12} {'cpu':<5} {'':<5} {'':>8} {rate:>8.0f} env steps/s"
+    label = f"env {count}{' parallel' if count > 1 else ''}"
+    return f"{label:<17} {task:<16} {'cpu':<5} {'':<5} {'':>8} {rate:>8.0f} env steps/s"
 
 
 def main():
@@ -160,8 +170,9 @@ def main():
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="also time updates with compile: True")
     parser.add_argument("--act-steps", type=int, default=200)
-    parser.add_argument("--env-task", default="dmc_walker_walk")
-    parser.add_argument("--env-steps", type=int, default=4000, help="agent steps per env measurement")
+    parser.add_argument("--env-tasks", nargs="+",
+                        default=["dmc_walker_walk", "atari_pong", "crafter_reward", "memorymaze_9x9"])
+    parser.add_argument("--env-seconds", type=float, default=10.0, help="stepping time per env measurement")
     parser.add_argument("--envs", type=int, default=4, help="parallel envs of the second env row")
     parser.add_argument("--skip", nargs="*", default=[], choices=["update", "act", "env"])
     parser.add_argument("--all", action="store_true", help="also run bf16 on CPUs without native bf16")
@@ -189,8 +200,9 @@ def main():
                     for llcd in (False, True):
                         print(bench_act(size, precision, device, llcd, args), flush=True)
     if "env" not in args.skip:
-        for count in (1, args.envs):
-            print(bench_env(count, args), flush=True)
+        for task in args.env_tasks:
+            for count in (1, args.envs):
+                print(bench_env(task, count, args), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""DreamerV3 on DeepMind Control: the agent and the training loop.
+"""DreamerV3 on DeepMind Control, Atari, Crafter and Memory Maze: the agent and the training loop.
 
     python dreamer.py --configs dmc_proprio --task dmc_walker_walk
     python dreamer.py --configs dmc_vision --task dmc_cartpole_swingup
     python dreamer.py --configs small --task dmc_cartpole_balance
+    python dreamer.py --configs atari100k --task atari_pong
+    python dreamer.py --configs crafter small
+    python dreamer.py --configs memorymaze --task memorymaze_9x9
     python dreamer.py --eval_only True --checkpoint logdir/RUN/latest.pt
 
 The loop: prefill the replay with random actions, then alternate acting in
@@ -35,7 +38,7 @@ import exploration
 import models
 import networks
 import tools
-from envs import dmc, wrappers
+from envs import atari, crafter, dmc, memorymaze, wrappers
 
 
 class Dreamer(nn.Module):
@@ -46,7 +49,7 @@ class Dreamer(nn.Module):
         self.config = config
         shapes = {key: tuple(space.shape) for key, space in obs_space.spaces.items() if key in ("state", "image")}
         self.discrete = isinstance(act_space, gym.spaces.Discrete)
-        self.action_dim = int(act_space.n) if self.discrete else int(act_space.shape[0])
+        self.action_dim = tools.action_shape(act_space)[0]  # one-hot actions when discrete
         self.wm = models.WorldModel(shapes, self.action_dim, config)
         self.task_behavior = models.ImagBehavior(config, self.wm, self.action_dim, self.discrete)
         self.expl_behavior = {
@@ -133,13 +136,37 @@ class Dreamer(nn.Module):
 
 
 def make_env(config, mode, index):
-    """One wrapped DMC env (a Continual one for CRL runs); eval seeds are disjoint from train seeds."""
+    """One wrapped env of the task's suite (``<suite>_<name>``; a Continual DMC env for CRL runs);
+    eval seeds are disjoint from train seeds. Continuous actions are normalised to [-1, 1],
+    discrete ones are one-hot vectors as they are."""
     seed = config.seed * 1000 + index + (500 if mode == "eval" else 0)
-    task_defs = config.crl_task_defs if config.crl_tasks else None
-    env = dmc.make(config.task.split("_", 1)[1], task_defs=task_defs, action_repeat=config.action_repeat,
-                   size=config.size, camera=config.camera, seed=seed, pixels=config.pixels)
-    env = wrappers.NormalizeActions(env)
+    suite, name = config.task.split("_", 1)
+    env = SUITE_ENVS[suite](config, name, seed)
+    if isinstance(env.action_space, gym.spaces.Box):
+        env = wrappers.NormalizeActions(env)
     return wrappers.TimeLimit(env, config.time_limit // config.action_repeat)
+
+
+def dmc_env(config, name, seed):
+    task_defs = config.crl_task_defs if config.crl_tasks else None
+    return dmc.make(name, task_defs=task_defs, action_repeat=config.action_repeat, size=config.size,
+                    camera=config.camera, seed=seed, pixels=config.pixels)
+
+
+def atari_env(config, name, seed):
+    return atari.Atari(name, config.action_repeat, config.size, seed, **config.atari)
+
+
+def crafter_env(config, name, seed):
+    return crafter.Crafter(name, config.size, seed)
+
+
+def memorymaze_env(config, name, seed):
+    return memorymaze.MemoryMaze(name, config.size, seed)
+
+
+SUITE_ENVS = {"dmc": dmc_env, "atari": atari_env, "crafter": crafter_env, "memorymaze": memorymaze_env}
+assert SUITE_ENVS.keys() == set(tools.SUITES)
 
 
 def make_envs(config, mode, count):
@@ -585,7 +612,17 @@ class Run:
             "observations and rewards for NaN/inf")
 
     def on_train_episode(self, episode_return, length, episode):
+        """Collect the episode's return and length; an episode whose env reports ``log_*``
+        statistics (e.g. Crafter's achievements) gets a metrics row of its own with
+        ``episode_return``, ``episode_length`` and ``episode_<name>`` (the final values)."""
         self.episode_stats.append((episode_return, length))
+        if episode is None:
+            return
+        self.logger.scalar("episode_return", episode_return)
+        self.logger.scalar("episode_length", length)
+        for key, values in episode.items():
+            self.logger.scalar(f"episode_{key.removeprefix('log_')}", values[-1])
+        self.logger.write(self.env_step, console=False)
 
     def maybe_log_and_save(self):
         cfg = self.config
@@ -636,6 +673,9 @@ class Run:
         returns, video, zs = evaluate(self.agent, envs, self.config.eval_episode_num, cfg_pixels(self.config))
         self.logger.scalar(f"{prefix}_return", np.mean(returns))
         self.logger.scalar(f"{prefix}_return_std", np.std(returns))
+        normalized = human_normalized(self.config.task, np.mean(returns))
+        if normalized is not None:
+            self.logger.scalar(f"{prefix}_human_normalized", normalized)
         if video is not None:
             self.logger.video(f"{prefix}_policy", video[None])
         return float(np.mean(returns)), zs
@@ -673,7 +713,13 @@ class Run:
 
 
 def cfg_pixels(config):
-    return bool(config.pixels)
+    """Whether observations are images: DMC with ``pixels``, every other suite always."""
+    return bool(config.pixels) or not config.task.startswith("dmc_")
+
+
+def human_normalized(task, score):
+    """Atari's human-normalised score of ``score`` (None for other suites and games without references)."""
+    return atari.human_normalized(task.removeprefix("atari_"), score) if task.startswith("atari_") else None
 
 
 def evaluate(agent, envs, episodes, record_video):
@@ -686,7 +732,7 @@ def evaluate(agent, envs, episodes, record_video):
 
     def on_episode(episode_return, length, episode):
         returns.append(float(episode_return))
-        if episode is not None and not frames:
+        if record_video and not frames:
             frames.append(episode["image"])
 
     def policy(obs, state):
@@ -711,8 +757,10 @@ def setup_logdir(config, logdir):
 
 
 def check_rendering(config):
-    """Pixel runs need a working MuJoCo GL backend: render one tiny frame before anything else."""
-    problem = dmc.gl_problem(render=True) if config.pixels else None
+    """MuJoCo pixel runs (DMC with pixels, Memory Maze) need a working GL backend: render one
+    tiny frame before anything else."""
+    mujoco_pixels = (config.pixels and config.task.startswith("dmc_")) or config.task.startswith("memorymaze_")
+    problem = dmc.gl_problem(render=True) if mujoco_pixels else None
     if problem:
         raise tools.ConfigError(problem)
 

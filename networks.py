@@ -161,7 +161,8 @@ def one_hot(index, like):
 
 
 def straight_through(onehot, probs):
-    return onehot + probs - probs.detach()
+    """``onehot`` exactly in the forward pass (the bracket is 0), the gradient of ``probs`` backward."""
+    return onehot + (probs - probs.detach())
 
 
 def unimix_log_probs(logits, unimix):

@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import datetime
 import difflib
+import importlib
 import io
 import json
 import os
@@ -32,11 +33,13 @@ import uuid
 import warnings
 from collections import OrderedDict
 
+import gymnasium as gym
 import numpy as np
 import torch
 from ruamel.yaml import YAML
 
 ROOT = pathlib.Path(__file__).resolve().parent
+SUITES = ("dmc", "atari", "crafter", "memorymaze")  # task name prefixes: <suite>_<name> (envs/<suite>.py)
 CHOICES = {
     "precision": (32, 16, "bf16"),
     "expl_behavior": ("greedy", "random", "plan2explore"),
@@ -225,9 +228,14 @@ def validate(config):
     if config["llcd_burn_in"] > config["llcd_history_window"]:
         raise ConfigError(f"'llcd_burn_in' ({config['llcd_burn_in']}) must not exceed "
                           f"'llcd_history_window' ({config['llcd_history_window']})")
-    if not config["task"].startswith("dmc_"):
-        raise ConfigError(f"task '{config['task']}' is not supported: use a DMC task such as 'dmc_walker_walk'")
-    validate_task(config["task"])
+    suite = config["task"].split("_", 1)[0]
+    if suite not in SUITES:
+        raise ConfigError(f"task '{config['task']}' is not supported{suggest(suite, SUITES)}: tasks are "
+                          "dmc_<domain>_<task>, atari_<game>, crafter_reward or memorymaze_<size>")
+    if suite == "dmc":
+        validate_task(config["task"])
+    else:
+        validate_discrete_task(config, suite)
     if config["crl_tasks"]:
         validate_schedule(config)
     if config["replay_chunk"] < config["batch_length"]:
@@ -256,6 +264,19 @@ def validate_task(task):
     if not known:
         raise ConfigError(f"unknown task '{task}'{suggest(task, valid)}; tasks are dmc_<domain>_<task> "
                           "from dm_control's suite, e.g. dmc_walker_walk")
+
+
+def validate_discrete_task(config, suite):
+    """An Atari, Crafter or Memory Maze task: its package imports and the env can run it;
+    the continual schedule needs a DMC task."""
+    try:
+        importlib.import_module(f"envs.{suite}").check_task(config["task"][len(suite) + 1:],
+                                                           config["action_repeat"], config["size"])
+    except (ImportError, ValueError) as error:
+        raise ConfigError(str(error)) from None
+    if config["crl_tasks"]:
+        raise ConfigError(f"crl_tasks is set but task '{config['task']}' has no continual physics: "
+                          "continual runs need a DMC task such as dmc_cartpole_swingup")
 
 
 def validate_schedule(config):
@@ -826,13 +847,16 @@ class Driver:
     so training can alternate with evaluation without cutting episodes.
     A stored transition holds obs_t, the action that led to it, and r_t. Transitions go
     to ``replay`` as they arrive; with ``keep_episodes`` each finished episode is also
-    handed to ``on_episode`` as {key: (L, ...) array} (e.g. for eval videos).
+    handed to ``on_episode`` as {key: (L, ...) array} (e.g. for eval videos). Without it,
+    ``on_episode`` gets only the observations' ``log_*`` entries (per-episode statistics an
+    env reports, e.g. Crafter's achievements) that way, or None for an env without any.
     """
 
     def __init__(self, envs, replay=None, before_reset=None, keep_episodes=False):
         self.envs = envs
         self.replay = replay
-        self.episodes = {} if keep_episodes else None  # env index -> {key: [values]}
+        self.keep_episodes = keep_episodes
+        self.episodes = {}  # env index -> {key: [values]} of its running episode
         self.before_reset = before_reset  # called with the env index before each reset
         self.obs = [None] * len(envs)
         self.returns = np.zeros(len(envs))
@@ -849,15 +873,15 @@ class Driver:
             obs = promise()
             self.obs[i] = obs
             self.returns[i], self.rewards[i], self.lengths[i] = 0.0, 0.0, 0
-            self.record(i, obs, np.zeros(self.envs[i].action_space.shape, np.float32), 0.0, 1.0)
+            self.record(i, obs, np.zeros(action_shape(self.envs[i].action_space), np.float32), 0.0, 1.0)
 
     def record(self, index, obs, action, reward, discount):
         transition = {**obs, "action": action, "reward": np.float32(reward), "discount": np.float32(discount)}
         if self.replay is not None:
             self.replay.add_step(index, transition)
-        if self.episodes is not None:
-            for key, value in transition.items():
-                self.episodes.setdefault(index, {}).setdefault(key, []).append(value)
+        kept = transition if self.keep_episodes else {k: v for k, v in obs.items() if k.startswith("log_")}
+        for key, value in kept.items():
+            self.episodes.setdefault(index, {}).setdefault(key, []).append(value)
 
     def run(self, policy, steps=0, episodes=0, on_step=None, on_episode=None):
         """Run until ``steps`` agent steps (summed over envs) or ``episodes`` episodes end."""
@@ -885,12 +909,16 @@ class Driver:
                 on_step(len(self.envs))
 
     def end_episode(self, index, on_episode):
-        episode = None
-        if self.episodes is not None:
-            episode = {key: np.stack(values) for key, values in self.episodes.pop(index).items()}
+        kept = self.episodes.pop(index, None)
+        episode = {key: np.stack(values) for key, values in kept.items()} if kept else None
         if on_episode:
             on_episode(self.returns[index], int(self.lengths[index]), episode)
         self.obs[index] = None
+
+
+def action_shape(space):
+    """Shape of the agent's actions in ``space``: (n,) one-hot vectors for a Discrete space."""
+    return (int(space.n),) if isinstance(space, gym.spaces.Discrete) else tuple(space.shape)
 
 
 # ----------------------------------------------------------------- optimisation

@@ -1,0 +1,321 @@
+"""Tests for the discrete-action pixel suites: Atari (envs/atari.py), Crafter (envs/crafter.py)
+and Memory Maze (envs/memorymaze.py), and for the agent running them end to end.
+
+Envs are built as the agent builds them (dreamer.make_env from a config of the suite's block
+plus ``debug``). Memory Maze is slow (a few seconds per maze, ~50 steps/s), so its env is
+built once per module where a test does not need a fresh one.
+"""
+
+import functools
+import math
+import os
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import dreamer  # noqa: E402
+import tools  # noqa: E402
+from envs import atari, crafter, discrete, memorymaze, wrappers  # noqa: E402
+from runs import read_rows, replay_steps, run_main  # noqa: E402
+
+BLOCKS = {"atari_breakout": "atari100k", "crafter_reward": "crafter", "memorymaze_9x9": "memorymaze"}
+ACTIONS = {"atari_breakout": 18, "crafter_reward": 17, "memorymaze_9x9": 6}
+
+
+def config_for(task, *extra):
+    return tools.load_config(["--configs", BLOCKS[task], "debug", "--task", task, "--parallel", "False", *extra])
+
+
+def make(task, *extra, mode="train"):
+    """The env of ``task`` inside the agent's wrapper stack."""
+    return dreamer.make_env(config_for(task, *extra), mode, 0)
+
+
+def one_hot(index, count):
+    return np.eye(count, dtype=np.float32)[index]
+
+
+def run_episode(env, actions, limit):
+    """Step ``env`` from a reset with one-hot ``actions(t)`` until done or ``limit`` steps;
+    returns the observations, rewards and infos of the steps (the reset's observation first)."""
+    observations, rewards, infos = [env.reset()], [], []
+    count = env.action_space.n
+    for t in range(limit):
+        obs, reward, done, info = env.step(one_hot(actions(t), count))
+        observations.append(obs)
+        rewards.append(reward)
+        infos.append(info)
+        if done:
+            break
+    return observations, rewards, infos
+
+
+def random_actions(seed, count):
+    rng = np.random.default_rng(seed)
+    return lambda t: int(rng.integers(count))
+
+
+@pytest.fixture(scope="module")
+def maze():
+    """One 9x9 maze env (seed 4, no TimeLimit, in the agent's wrappers) and its first observation."""
+    env = make("memorymaze_9x9", "--seed", "4", "--time_limit", "0")
+    return env, env.reset()
+
+
+def check_contract(env, first):
+    """Observation dict, flags and discrete action space as envs/discrete.py describes them."""
+    space = env.observation_space
+    assert {"image", "is_first", "is_last", "is_terminal"} <= set(space.spaces)
+    assert space["image"].shape == (64, 64, 3) and space["image"].dtype == np.uint8
+    assert isinstance(env.action_space, gym.spaces.Discrete)
+    assert not isinstance(env.env, wrappers.NormalizeActions)  # discrete actions are not rescaled
+    assert first["is_first"] is True and first["is_last"] is False and first["is_terminal"] is False
+    assert space.contains(first) and first["image"].std() > 0
+    obs, reward, done, info = env.step(one_hot(1, env.action_space.n))
+    assert space.contains(obs) and obs["is_first"] is False
+    assert math.isfinite(reward) and not done and info["discount"] == 1.0
+    env.step(np.int64(2))  # an integer index is an action too
+    with pytest.raises(ValueError, match=r"one-hot action of shape \(\d+,\)"):
+        env.step(np.full(env.action_space.n, 0.5, np.float32)[:2])
+
+
+@pytest.mark.parametrize("task", ["atari_breakout", "crafter_reward"])
+def test_observation_and_action_contract(task):
+    env = make(task)
+    assert env.action_space.n == ACTIONS[task]
+    check_contract(env, env.reset())
+
+
+def test_memory_maze_observation_and_action_contract(maze):
+    env, first = maze
+    assert env.action_space.n == ACTIONS["memorymaze_9x9"]
+    check_contract(env, first)
+
+
+def test_dmc_keeps_normalised_continuous_actions():
+    env = dreamer.make_env(tools.load_config(["--configs", "debug"]), "train", 0)
+    assert isinstance(env.env, wrappers.NormalizeActions)
+
+
+# ----------------------------------------------------------------- episode ends
+
+
+def test_atari_life_loss_goes_on_and_game_over_is_a_real_terminal():
+    """Breakout under random actions: 5 lives, each lost without ending the episode (lives
+    unused, as DreamerV3's Atari 100k runs); the game over is is_last and is_terminal."""
+    env = make("atari_breakout", "--time_limit", "100000")
+    observations, _, infos = run_episode(env, random_actions(0, 18), 5000)
+    lives = [info["lives"] for info in infos]
+    assert lives[-1] == 0 and max(lives) == 5
+    losses = [t for t in range(1, len(lives)) if lives[t] < lives[t - 1]]
+    assert len(losses) == 5
+    for t in losses[:-1]:
+        assert not observations[t + 1]["is_last"] and not observations[t + 1]["is_terminal"]
+        assert infos[t]["discount"] == 1.0
+    final = observations[-1]
+    assert final["is_last"] and final["is_terminal"] and infos[-1]["discount"] == 0.0
+    assert not any(obs["is_last"] for obs in observations[:-1])
+
+
+def test_atari_image_is_the_max_of_the_last_two_frames_in_colour_with_the_full_action_set():
+    """The env's images against ALE run directly: same seed, no sticky actions, the 18 legal
+    actions, each repeated 4 frames, the max of frames 3 and 4 resized bilinearly to 64x64."""
+    import ale_py
+    from PIL import Image
+
+    env = atari.Atari("breakout", action_repeat=4, seed=7)
+    ale = ale_py.ALEInterface()
+    ale.setInt("random_seed", 7)
+    ale.setFloat("repeat_action_probability", 0.0)
+    ale.loadROM(str(ale_py.roms.get_rom_path("breakout")))
+    legal = ale.getLegalActionSet()
+    env.reset()
+    for index in [1, 3, 3, 4, 1, 11, 12, 0] * 3:
+        obs = env.step(one_hot(index, 18))[0]
+        frames = []
+        for _ in range(4):
+            ale.act(legal[index])
+            frames.append(ale.getScreenRGB())
+        pooled = Image.fromarray(np.maximum(frames[2], frames[3])).resize((64, 64), Image.BILINEAR)
+        np.testing.assert_array_equal(obs["image"], np.asarray(pooled))
+
+
+def test_crafter_death_is_a_real_terminal():
+    """Random actions (seed 0) kill the player before Crafter's 10,000-step limit."""
+    env = make("crafter_reward", "--time_limit", "10000")
+    observations, _, infos = run_episode(env, random_actions(0, 17), 10000)
+    assert len(infos) < 10000
+    assert observations[-1]["is_last"] and observations[-1]["is_terminal"] and infos[-1]["discount"] == 0.0
+    assert not any(obs["is_last"] or obs["is_terminal"] for obs in observations[:-1])
+
+
+def test_crafter_achievements_are_logged_as_unlocked_this_episode():
+    env = crafter.Crafter(seed=0)
+    observations, rewards, _ = run_episode(env, random_actions(1, 17), 300)
+    keys = [crafter.LOG_PREFIX + name for name in crafter.achievements()]
+    assert len(keys) == 22 and all(observations[0][key] == 0 for key in keys)
+    unlocked = np.array([[obs[key] for key in keys] for obs in observations])  # (T + 1, 22)
+    assert set(np.unique(unlocked)) <= {0.0, 1.0} and (np.diff(unlocked, axis=0) >= 0).all()
+    # a step that unlocks achievements pays +1, on top of 0.1 per health point gained (at most
+    # one a step) or lost (up to 7, a zombie's hit on a sleeping player)
+    news = np.diff(unlocked, axis=0).sum(1) > 0  # (T,)
+    assert news.sum() >= 2
+    rewards = np.array(rewards)
+    assert (rewards[news] >= 0.3 - 1e-6).all() and (rewards[~news] <= 0.1 + 1e-6).all()
+
+
+@pytest.mark.parametrize("task", ["atari_breakout", "crafter_reward"])
+def test_time_limit_is_last_but_not_terminal(task):
+    env = make(task, "--time_limit", "120")
+    observations, _, infos = run_episode(env, lambda t: 0, 1000)
+    assert len(infos) == 120 // config_for(task).action_repeat
+    assert observations[-1]["is_last"] and not observations[-1]["is_terminal"] and infos[-1]["discount"] == 1.0
+
+
+def test_memory_maze_time_limit_is_last_but_not_terminal(maze):
+    """The 9x9 maze's own limit: 1000 steps (250 s at 4 Hz); the block adds no TimeLimit."""
+    env, _ = maze
+    observations, _, infos = run_episode(env, lambda t: 1 + t % 5, 1200)
+    assert len(infos) == 1000
+    assert observations[-1]["is_last"] and not observations[-1]["is_terminal"] and infos[-1]["discount"] == 1.0
+    assert not any(obs["is_last"] or obs["is_terminal"] for obs in observations[:-1])
+
+
+# ----------------------------------------------------------------- determinism
+
+
+def images(env, steps, actions):
+    observations, _, _ = run_episode(env, actions, steps)
+    return np.stack([obs["image"] for obs in observations])
+
+
+@pytest.mark.parametrize("build", [
+    functools.partial(atari.Atari, "breakout", sticky=0.25, noops=30),
+    functools.partial(crafter.Crafter, "reward"),
+])
+def test_same_seed_same_observations_other_seed_others(build):
+    """Atari with sticky actions and no-op starts (both random); Crafter's world generation and
+    creature balancing (upstream, which creature despawns depends on memory addresses)."""
+    first, *again, other = (images(build(seed=seed), 250, random_actions(5, 17)) for seed in (1, 1, 1, 1, 2))
+    for same in again:
+        np.testing.assert_array_equal(first, same)
+    assert not np.array_equal(first[:60], other[:60])
+
+
+def test_memory_maze_same_seed_same_maze_other_seed_another(maze):
+    _, other_first = maze  # seed 4
+    first, again = (images(memorymaze.MemoryMaze("9x9", seed=3), 10, lambda t: 1 + t % 5) for _ in range(2))
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first[0], other_first["image"])
+
+
+# ----------------------------------------------------------------- scores and config errors
+
+
+def test_human_normalized_score_of_the_reference_table():
+    assert len(atari.REFERENCE_SCORES) == 26
+    assert dreamer.human_normalized("atari_pong", -20.7) == pytest.approx(0.0)
+    assert dreamer.human_normalized("atari_pong", 14.6) == pytest.approx(1.0)
+    assert dreamer.human_normalized("atari_breakout", 30.5 + 28.8) == pytest.approx(2.0)
+    assert dreamer.human_normalized("atari_tennis", 1.0) is None
+    assert dreamer.human_normalized("crafter_reward", 1.0) is None
+    import ale_py.roms
+
+    assert set(atari.REFERENCE_SCORES) <= set(ale_py.roms.get_all_rom_ids())
+
+
+def test_crafter_score_is_the_geometric_mean_style_score_of_the_paper():
+    names = crafter.achievements()
+    assert crafter.score(dict.fromkeys(names, 100.0)) == pytest.approx(100.0)
+    assert crafter.score(dict.fromkeys(names, 0.0)) == pytest.approx(0.0)
+    one = {**dict.fromkeys(names, 0.0), "collect_wood": 100.0}
+    assert crafter.score(one) == pytest.approx(101 ** (1 / 22) - 1)
+    episodes = [{f"episode_achievement_{name}": float(name == "collect_wood" or k == 0) for name in names}
+                for k in range(4)]
+    rates = crafter.success_rates(episodes)
+    assert rates["collect_wood"] == 100.0 and rates["wake_up"] == 25.0
+
+
+@pytest.mark.parametrize("task, module, package", [
+    ("atari_breakout", "ale_py.roms", "ale-py"), ("crafter_reward", "crafter", "crafter"),
+    ("memorymaze_9x9", "memory_maze.tasks", "memory-maze"),
+])
+def test_a_missing_package_is_a_one_line_error_naming_it(monkeypatch, task, module, package):
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
+    with pytest.raises(tools.ConfigError) as error:
+        config_for(task)
+    message = str(error.value)
+    assert f"'{package}' package" in message and "pip install -r requirements.txt" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--task", "atari_pongg"], r"unknown Atari game 'pongg' \(did you mean 'atari_pong'\?\)"),
+    (["--task", "crafter_score", "--action_repeat", "1"], r"tasks: crafter_reward"),
+    (["--task", "crafter_reward"], r"Crafter runs with action_repeat 1"),
+    (["--task", "memorymaze_8x8", "--action_repeat", "1"], r"tasks: memorymaze_9x9, memorymaze_11x11"),
+    (["--task", "minecraft_diamond"], r"not supported.*: tasks are dmc_<domain>_<task>, atari_<game>"),
+    (["--task", "atari_pong", "--crl_tasks", "[0, 1]", "--crl_steps_per_task", "10"], r"need a DMC task"),
+])
+def test_bad_tasks_are_one_line_config_errors(args, match):
+    with pytest.raises(tools.ConfigError, match=match):
+        tools.load_config(args)
+
+
+# ----------------------------------------------------------------- end to end
+
+
+E2E = {
+    "atari_breakout": ["--steps", "480", "--prefill", "40", "--time_limit", "240", "--eval_every", "480"],
+    "crafter_reward": ["--steps", "160", "--prefill", "60", "--time_limit", "50", "--eval_every", "160"],
+    "memorymaze_9x9": ["--steps", "80", "--prefill", "40", "--time_limit", "30", "--eval_every", "80",
+                       "--log_every", "20", "--replay_chunk", "16"],
+}
+
+
+@pytest.mark.parametrize("task", sorted(E2E))
+def test_debug_run_trains_evaluates_and_writes_metrics(tmp_path, task):
+    """A tiny run of dreamer.main: prefill with random one-hot actions, train (REINFORCE actor on
+    one-hot actions), evaluate and write metrics, checkpoint and replay."""
+    logdir = tmp_path / "run"
+    run_main(["--configs", BLOCKS[task], "debug", "--task", task, "--device", "cpu", "--threads", "1",
+              "--train_ratio", "32", "--parallel", "False", "--envs", "1", "--logdir", str(logdir), *E2E[task]])
+    rows = read_rows(logdir)
+    steps = int(E2E[task][1])
+    evals = [row for row in rows if "eval_return" in row]
+    assert [row["step"] for row in evals][-1] == steps
+    trained = [row for row in rows if "actor_loss" in row]
+    assert trained and all(math.isfinite(row[key]) for row in trained for key in ("model_loss", "actor_loss"))
+    assert all(row["actor_entropy"] <= math.log(ACTIONS[task]) + 1e-4 for row in trained)  # a categorical's
+    replay = replay_steps(logdir)
+    actions = replay["action"]  # (L, A): one-hot, the zero action at each episode start
+    assert actions.shape[1:] == (ACTIONS[task],)
+    assert ((actions == 0) | (actions == 1)).all()
+    np.testing.assert_array_equal(actions.sum(1), 1 - replay["is_first"])
+    assert replay["image"].shape[1:] == (64, 64, 3)
+    check_suite_metrics(task, rows, evals)
+
+
+def check_suite_metrics(task, rows, evals):
+    if task.startswith("atari_"):
+        expected = [dreamer.human_normalized(task, row["eval_return"]) for row in evals]
+        assert [row["eval_human_normalized"] for row in evals] == pytest.approx(expected)
+    episodes = [row for row in rows if "episode_return" in row]
+    if task.startswith("crafter_"):
+        assert len(episodes) == 3  # 160 agent steps of 50-step episodes
+        assert all(len([key for key in row if key.startswith("episode_achievement_")]) == 22 for row in episodes)
+        assert 0.0 <= crafter.score(crafter.success_rates(episodes)) <= 100.0
+    else:
+        assert episodes == []  # only envs with log_* entries get per-episode rows
+
+
+def test_discrete_helpers_reject_out_of_range_indices():
+    for bad in (6, -1, 2.5, np.array([1.0, 0.0])):
+        with pytest.raises(ValueError, match=r"index in \[0, 6\)"):
+            discrete.action_index(bad, 6)
+    assert discrete.action_index(one_hot(4, 6), 6) == 4 and discrete.action_index(3, 6) == 3
