@@ -67,12 +67,23 @@ def gl_problem(render=False):
     return None
 
 
+def configure_fast_render(model, size):
+    """Offscreen rendering without the shadow map and multisampling, into a buffer of the
+    observation's ``size`` (height, width): ~10x faster on a software renderer; images lose
+    the shadows and the anti-aliasing of edges. Must run before the first render."""
+    model.vis.quality.shadowsize = 0
+    model.vis.quality.offsamples = 0
+    model.vis.global_.offheight, model.vis.global_.offwidth = size
+
+
 class DeepMindControl:
     """One DMC task: proprio (``state``) or pixel (``image``) observations."""
 
-    def __init__(self, name, action_repeat=1, size=(64, 64), camera=None, seed=0, pixels=False):
+    def __init__(self, name, action_repeat=1, size=(64, 64), camera=None, seed=0, pixels=False, fast_render=True):
         self.domain, self.task = split_task_name(name)
         self._env = load_suite_env(self.domain, self.task, seed)
+        if pixels and fast_render:
+            configure_fast_render(self._env.physics.model, size)
         self._action_repeat = action_repeat
         self._size = tuple(size)
         self._camera = camera if camera is not None else (2 if self.domain == "quadruped" else 0)
@@ -272,9 +283,10 @@ class ContinualDMC(DeepMindControl):
     SUITE_TASKS = ()
     WIND_BODY = ""
 
-    def __init__(self, name, tasks, action_repeat=1, size=(64, 64), camera=None, seed=0, pixels=False):
+    def __init__(self, name, tasks, action_repeat=1, size=(64, 64), camera=None, seed=0, pixels=False,
+                 fast_render=True):
         self._check_name(name)
-        super().__init__(name, action_repeat, size, camera, seed, pixels)
+        super().__init__(name, action_repeat, size, camera, seed, pixels, fast_render)
         self._tasks = parse_tasks(tasks, _config_key(self.DOMAIN))
         model = self.physics.model
         self._baseline = {field: operator.attrgetter(field)(model).copy() for field in BASELINE_FIELDS}
@@ -415,10 +427,13 @@ CONTINUAL_ENVS = {
 }
 
 
-def make(name, *, task_defs=None, action_repeat=1, size=(64, 64), camera=None, seed=0, pixels=False):
+def make(name, *, task_defs=None, action_repeat=1, size=(64, 64), camera=None, seed=0, pixels=False,
+         fast_render=True):
     """Build the env for ``name``: plain ``DeepMindControl`` without ``task_defs``, else the
-    domain's continual env with its tasks from ``task_defs`` (mapping domain -> {task_id: factors})."""
-    kwargs = dict(action_repeat=action_repeat, size=size, camera=camera, seed=seed, pixels=pixels)
+    domain's continual env with its tasks from ``task_defs`` (mapping domain -> {task_id: factors});
+    ``fast_render``: see ``configure_fast_render``."""
+    kwargs = dict(action_repeat=action_repeat, size=size, camera=camera, seed=seed, pixels=pixels,
+                  fast_render=fast_render)
     if task_defs is None:
         return DeepMindControl(name, **kwargs)
     domain, _ = split_task_name(name)

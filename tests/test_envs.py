@@ -286,3 +286,17 @@ BAD_VALUES = [{"mass_scale": 0}, {"friction_scale": -1}, {"wind": "strong"}, {"j
 def test_bad_factor_values_are_rejected(factors):
     with pytest.raises(ValueError, match=r"bad value for"):
         dmc.make("cup_catch", task_defs={"cup": {0: factors}})
+
+
+def test_fast_render_draws_the_same_scene_without_shadows():
+    """Same state, both renderers: the fast one has no shadow map or multisampling, and its
+    image differs from the default one by little (the shadow, the edges), not by the scene."""
+    images = {}
+    for fast in (False, True):
+        env = dmc.make("walker_walk", pixels=True, seed=3, fast_render=fast)
+        images[fast] = env.reset()["image"].astype(float)
+        assert (env.physics.model.vis.quality.shadowsize == 0) == fast
+    other_pose = dmc.make("walker_walk", pixels=True, seed=4, fast_render=False).reset()["image"].astype(float)
+    change = np.abs(images[True] - images[False])  # (64, 64, 3)
+    assert 0 < change.mean() < np.abs(other_pose - images[False]).mean()
+    assert (change.mean(-1) > 30).mean() < 0.1  # under 10% of the pixels change by much
