@@ -722,9 +722,12 @@ def human_normalized(task, score):
     return atari.human_normalized(task.removeprefix("atari_"), score) if task.startswith("atari_") else None
 
 
+VIDEO_FRAMES = 1000  # eval videos show at most this many frames (Atari and Crafter episodes run to 10K+)
+
+
 def evaluate(agent, envs, episodes, record_video):
-    """Greedy-policy returns of ``episodes`` episodes, the first episode's frames if
-    ``record_video``, and with LLCD the context mean z of every step, in time order (n, Z)."""
+    """Greedy-policy returns of ``episodes`` episodes, the first episode's first ``VIDEO_FRAMES``
+    frames if ``record_video``, and with LLCD the context mean z of every step, in time order (n, Z)."""
     if episodes <= 0:
         return [], None, None
     driver = tools.Driver(envs, keep_episodes=record_video)
@@ -733,7 +736,7 @@ def evaluate(agent, envs, episodes, record_video):
     def on_episode(episode_return, length, episode):
         returns.append(float(episode_return))
         if record_video and not frames:
-            frames.append(episode["image"])
+            frames.append(episode["image"][:VIDEO_FRAMES])
 
     def policy(obs, state):
         actions, state = agent.policy(obs, state, "eval")

@@ -319,3 +319,23 @@ def test_discrete_helpers_reject_out_of_range_indices():
         with pytest.raises(ValueError, match=r"index in \[0, 6\)"):
             discrete.action_index(bad, 6)
     assert discrete.action_index(one_hot(4, 6), 6) == 4 and discrete.action_index(3, 6) == 3
+
+
+class NoopAgent:
+    """Stands in for the agent in dreamer.evaluate: always Atari's NOOP (Breakout never serves)."""
+
+    def policy(self, obs, state, mode):
+        return np.tile(one_hot(0, 18), (len(obs["is_first"]), 1)), {}
+
+    def eval(self):
+        pass
+
+    def train(self):
+        pass
+
+
+def test_eval_video_keeps_the_first_frames_of_a_long_episode():
+    frames = dreamer.VIDEO_FRAMES + 100
+    env = wrappers.InProcess(make("atari_breakout", "--time_limit", str(4 * frames), mode="eval"))
+    returns, video, _ = dreamer.evaluate(NoopAgent(), [env], 1, record_video=True)
+    assert returns == [0.0] and video.shape == (dreamer.VIDEO_FRAMES, 64, 64, 3)
