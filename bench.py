@@ -22,6 +22,9 @@ Rows:
   repeat 4) under random actions with 1 env and ``--envs`` envs in parallel
   processes (``parallel: True``, wrappers.Parallel), counted in env steps (agent
   steps x action_repeat) over ``--env-seconds`` of stepping, resets included.
+- ``pixels``: env steps/s of each of ``--pixel-tasks`` (DMC) from 64x64 pixels,
+  1 env, with MuJoCo's default offscreen rendering (shadow map, 4x multisampling)
+  and with ``fast_render`` (neither; ``envs.dmc.configure_fast_render``).
 
 Like ``dreamer.py`` on CPU, the benchmark first calls ``tools.keep_freed_memory``
 (glibc keeps freed pages instead of unmapping them); ``--default-malloc``
@@ -136,10 +139,10 @@ def bench_act(size, precision, device, llcd, args):
 SUITE_BLOCKS = {"atari": ["atari100k"], "crafter": ["crafter"], "memorymaze": ["memorymaze"]}
 
 
-def bench_env(task, count, args):
+def bench_env(task, count, args, extra=(), label=""):
     blocks = SUITE_BLOCKS.get(task.split("_", 1)[0], [])
     config = tools.load_config(["--configs", *blocks, "--task", task, "--envs", str(count),
-                                "--parallel", str(count > 1)])
+                                "--parallel", str(count > 1), *extra])
     envs = dreamer.make_envs(config, "train", count)
     try:
         for env in envs:
@@ -155,7 +158,7 @@ def bench_env(task, count, args):
         rate = rounds * count * config.action_repeat / (time.perf_counter() - start)
     finally:
         dreamer.close_envs(envs)
-    label = f"env {count}{' parallel' if count > 1 else ''}"
+    label = label or f"env {count}{' parallel' if count > 1 else ''}"
     return f"{label:<17} {task:<16} {'cpu':<5} {'':<5} {'':>8} {rate:>8.0f} env steps/s"
 
 
@@ -172,6 +175,8 @@ def main():
     parser.add_argument("--act-steps", type=int, default=200)
     parser.add_argument("--env-tasks", nargs="+",
                         default=["dmc_walker_walk", "atari_pong", "crafter_reward", "memorymaze_9x9"])
+    parser.add_argument("--pixel-tasks", nargs="+", default=["dmc_walker_walk", "dmc_cartpole_swingup"],
+                        help="DMC tasks timed from 64x64 pixels, with the default and the fast renderer")
     parser.add_argument("--env-seconds", type=float, default=10.0, help="stepping time per env measurement")
     parser.add_argument("--envs", type=int, default=4, help="parallel envs of the second env row")
     parser.add_argument("--skip", nargs="*", default=[], choices=["update", "act", "env"])
@@ -203,6 +208,10 @@ def main():
         for task in args.env_tasks:
             for count in (1, args.envs):
                 print(bench_env(task, count, args), flush=True)
+        for task in args.pixel_tasks:
+            for fast in (False, True):
+                extra = ["--pixels", "True", "--fast_render", str(fast)]
+                print(bench_env(task, 1, args, extra, f"pixels {'fast' if fast else 'default'}"), flush=True)
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def make_env(config, mode, index):
 def dmc_env(config, name, seed):
     task_defs = config.crl_task_defs if config.crl_tasks else None
     return dmc.make(name, task_defs=task_defs, action_repeat=config.action_repeat, size=config.size,
-                    camera=config.camera, seed=seed, pixels=config.pixels)
+                    camera=config.camera, seed=seed, pixels=config.pixels, fast_render=config.fast_render)
 
 
 def atari_env(config, name, seed):
