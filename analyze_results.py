@@ -730,7 +730,7 @@ def print_comparison(groups: list, wide: pd.DataFrame, labels: list, out: str) -
 # ----------------------------------------------------------------- offline detector replay
 
 SCORES_FILE = "llcd_scores.npz"
-SWITCH_COLUMNS = ("run", "score", "detector", "change", "agent_step", "outcome", "delay")
+SWITCH_COLUMNS = ("run", "score", "detector", "change", "agent_step", "outcome", "delay", "first_detection")
 DETECTOR_COLUMNS = ("run", "score", "detector", "switches", "hits", "misses", "hit_rate", "chance_hit_rate",
                     "median_delay", "false_alarms", "false_alarms_per_100k", "agent_steps")
 
@@ -761,13 +761,19 @@ def detector_rows(run: Run, defaults: dict) -> tuple:
     rows, per_switch = [], []
     for score in (key for key in stream if key != "step"):
         for name in detector.DETECTORS:
-            report = detection_report(replay_stream(stream[score], stream["step"], settings, name), switches, steps,
-                                      max_delay, FALSE_ALARM_UNIT)
-            per_switch += [(run.path, score, name, change, start, outcome(delay, start + max_delay, steps), delay)
-                           for change, (start, _), delay in zip(changes, switches, report["delays"])]
+            found = replay_stream(stream[score], stream["step"], settings, name)
+            report = detection_report(found, switches, steps, max_delay, FALSE_ALARM_UNIT)
+            per_switch += [(run.path, score, name, change, start, outcome(delay, start + max_delay, steps), delay,
+                            first_in_window(found, start, end))
+                           for change, (start, end), delay in zip(changes, switches, report["delays"])]
             rows.append({"run": run.path, "score": score, "detector": name, "switches": len(switches), **report,
                          "false_alarms_per_100k": report["false_alarms_per_unit"], "agent_steps": steps})
     return rows, per_switch
+
+
+def first_in_window(found: list, start: float, end: float) -> float:
+    """Agent steps from a switch to the first detection in its window, at any delay (NaN: none)."""
+    return next((step - start for step in found if start <= step < end), math.nan)
 
 
 def outcome(delay: float, deadline: float, steps: int) -> str:
@@ -799,12 +805,14 @@ def pooled_detector_rows(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def per_change_table(switches: pd.DataFrame, score: str, name: str) -> pd.DataFrame:
-    """Hits / decided switches and median hit delay per change of one score x detector pair."""
+    """Hits / decided switches and median hit delay per change of one score x detector pair, and the
+    first detection in each switch's window at any delay ('-': none), which tells late from never."""
     rows = switches[(switches["score"] == score) & (switches["detector"] == name) & (switches["outcome"] != "pending")]
     grouped = rows.groupby("change", sort=False)
     return pd.DataFrame({"hits": grouped["outcome"].apply(lambda o: int((o == "hit").sum())),
                          "switches": grouped.size(), "median_delay": grouped["delay"].median(),
-                         "delays": grouped["delay"].apply(lambda d: " ".join(f"{x:.0f}" for x in d.dropna()))})
+                         "first_detection": grouped["first_detection"].apply(
+                             lambda d: " ".join("-" if math.isnan(x) else f"{x:.0f}" for x in d))})
 
 
 def render_detector_table(table: pd.DataFrame) -> str:

@@ -523,6 +523,7 @@ def test_detectors_mode_replays_recorded_streams_with_strict_scoring(tmp_path, c
         switches = [r for r in csv.DictReader(f) if (r["score"], r["detector"]) == ("obs_nll", "cusum")]
     assert [(r["change"], r["agent_step"], r["outcome"]) for r in switches] == [
         ("cartpole: task 1 (wind 0.5)", "3500.0", "hit"), ("cartpole: task 2 (gravity -1.62)", "6500.0", "hit")]
+    assert all(r["first_detection"] == r["delay"] for r in switches)  # hits: the first one is in time
     assert sorted(float(r["delay"]) for r in switches)[-1] == float(cusum["median_delay"]) * 2 - min(
         float(r["delay"]) for r in switches)  # the median of two delays is their mean
 
@@ -532,3 +533,8 @@ def test_detectors_mode_without_recorded_streams_is_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "analyze_results.py", run, "--detectors"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "llcd_scores.npz" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_first_detection_in_a_window_tells_late_from_never():
+    assert ar.first_in_window([10.0, 250.0, 900.0], 200.0, 800.0) == 50.0  # the one at 10 is before it
+    assert math.isnan(ar.first_in_window([10.0, 900.0], 200.0, 800.0))  # the one at 900 is the next window's
