@@ -241,6 +241,9 @@ def validate(config):
     if config["replay_chunk"] < config["batch_length"]:
         raise ConfigError(f"'replay_chunk' ({config['replay_chunk']}) must be >= 'batch_length' "
                           f"({config['batch_length']}): a window spans at most two chunks; raise replay_chunk")
+    if config["llcd"] and not config["llcd_max_delay"] and config["time_limit"] // config["action_repeat"] < 1:
+        raise ConfigError(f"'llcd_max_delay' 0 means one episode, but 'time_limit' is {config['time_limit']}: "
+                          "set --llcd_max_delay to the agent steps a detection may lag a switch")
     if config["llcd"] and config["replay_chunk"] <= config["llcd_context_len"]:
         raise ConfigError(f"'replay_chunk' ({config['replay_chunk']}) must exceed 'llcd_context_len' "
                           f"({config['llcd_context_len']}): the context before a window comes from one chunk")

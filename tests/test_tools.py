@@ -313,3 +313,12 @@ def test_atomic_write_bytes_replaces_content(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
     tools.atomic_write_bytes(str(path), b"as str")
     assert path.read_bytes() == b"as str"
+
+
+def test_llcd_without_an_episode_length_needs_an_explicit_detection_deadline():
+    """Memory Maze has no time_limit of its own: 'one episode' is undefined there."""
+    with pytest.raises(tools.ConfigError) as info:
+        tools.load_config(["--configs", "memorymaze", "--llcd", "True"])
+    assert "llcd_max_delay" in str(info.value)
+    assert tools.load_config(["--configs", "memorymaze", "--llcd", "True", "--llcd_max_delay", "500"]).llcd_max_delay == 500
+    assert not tools.load_config(["--configs", "memorymaze"]).llcd  # without LLCD nothing to check
