@@ -879,10 +879,13 @@ class Driver:
             self.record(i, obs, np.zeros(action_shape(self.envs[i].action_space), np.float32), 0.0, 1.0)
 
     def record(self, index, obs, action, reward, discount):
-        transition = {**obs, "action": action, "reward": np.float32(reward), "discount": np.float32(discount)}
+        """Store the step in the replay, its ``log_*`` entries only with the running episode."""
+        logs = {key: value for key, value in obs.items() if is_log(key)}
+        transition = {**{key: value for key, value in obs.items() if not is_log(key)}, "action": action,
+                      "reward": np.float32(reward), "discount": np.float32(discount)}
         if self.replay is not None:
             self.replay.add_step(index, transition)
-        kept = transition if self.keep_episodes else {k: v for k, v in obs.items() if k.startswith("log_")}
+        kept = {**transition, **logs} if self.keep_episodes else logs
         for key, value in kept.items():
             self.episodes.setdefault(index, {}).setdefault(key, []).append(value)
 
@@ -893,7 +896,7 @@ class Driver:
             needs_reset = [i for i, obs in enumerate(self.obs) if obs is None]
             if needs_reset:
                 self.reset_envs(needs_reset)
-            batch = {key: np.stack([obs[key] for obs in self.obs]) for key in self.obs[0]}
+            batch = {key: np.stack([obs[key] for obs in self.obs]) for key in self.obs[0] if not is_log(key)}
             batch["reward"] = self.rewards.copy()  # (N,) the reward that came with each observation
             actions, self.state = policy(batch, self.state)  # (N, A)
             promises = [env.step(action) for env, action in zip(self.envs, actions)]
@@ -917,6 +920,11 @@ class Driver:
         if on_episode:
             on_episode(self.returns[index], int(self.lengths[index]), episode)
         self.obs[index] = None
+
+
+def is_log(key):
+    """``log_*`` observation entries are per-episode statistics, neither model input nor replay data."""
+    return key.startswith("log_")
 
 
 def action_shape(space):

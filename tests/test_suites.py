@@ -298,6 +298,7 @@ def test_debug_run_trains_evaluates_and_writes_metrics(tmp_path, task):
     assert ((actions == 0) | (actions == 1)).all()
     np.testing.assert_array_equal(actions.sum(1), 1 - replay["is_first"])
     assert replay["image"].shape[1:] == (64, 64, 3)
+    assert not [key for key in replay if key.startswith("log_")]  # per-episode statistics stay out of the replay
     check_suite_metrics(task, rows, evals)
 
 
