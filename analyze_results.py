@@ -763,9 +763,9 @@ def detector_rows(run: Run, defaults: dict) -> tuple:
         for name in detector.DETECTORS:
             found = replay_stream(stream[score], stream["step"], settings, name)
             report = detection_report(found, switches, steps, max_delay, FALSE_ALARM_UNIT)
-            per_switch += [(run.path, score, name, change, start, outcome(delay, start + max_delay, steps), delay,
-                            first_in_window(found, start, end))
-                           for change, (start, end), delay in zip(changes, switches, report["delays"])]
+            per_switch += [(run.path, score, name, change, start, result, delay, first_in_window(found, start, end))
+                           for change, (start, end), result, delay
+                           in zip(changes, switches, report["outcomes"], report["delays"])]
             rows.append({"run": run.path, "score": score, "detector": name, "switches": len(switches), **report,
                          "false_alarms_per_100k": report["false_alarms_per_unit"], "agent_steps": steps})
     return rows, per_switch
@@ -774,11 +774,6 @@ def detector_rows(run: Run, defaults: dict) -> tuple:
 def first_in_window(found: list, start: float, end: float) -> float:
     """Agent steps from a switch to the first detection in its window, at any delay (NaN: none)."""
     return next((step - start for step in found if start <= step < end), math.nan)
-
-
-def outcome(delay: float, deadline: float, steps: int) -> str:
-    """'hit', 'miss', or 'pending' (the run stopped before the switch's deadline)."""
-    return "hit" if math.isfinite(delay) else ("miss" if deadline <= steps else "pending")
 
 
 def switch_changes(run: Run, settings: dict) -> list:

@@ -495,7 +495,8 @@ def detection_report(detections, switches, steps, max_delay, unit=100_000):
     ``chance_hit_rate`` is the hit rate the same detections get against fake switches: every
     real switch shifted by multiples of ``max_delay``, kept where its interval lies inside
     [0, steps] and overlaps no real one, i.e. what a detector blind to the switches scores.
-    Returns {"delays" (NaN: missed or pending), "hits", "misses", "hit_rate",
+    Returns {"delays" (NaN: missed or pending), "outcomes" ('hit', 'miss' or 'pending' per switch),
+    "hits", "misses", "hit_rate",
     "median_delay", "false_alarms", "false_alarms_per_unit", "chance_hit_rate"}.
     """
     found = np.sort(np.asarray(detections, dtype=float))
@@ -504,11 +505,12 @@ def detection_report(detections, switches, steps, max_delay, unit=100_000):
         inside = np.flatnonzero((found >= start) & (found <= start + max_delay) & (found < end))
         delays.append(float(found[inside[0]] - start) if len(inside) else math.nan)
         used.update(inside[:1].tolist())
-    hits = sum(math.isfinite(d) for d in delays)
-    misses = sum(math.isnan(d) and min(start + max_delay, end) <= steps for d, (start, end) in zip(delays, switches))
+    outcomes = ["hit" if math.isfinite(d) else "miss" if min(start + max_delay, end) <= steps else "pending"
+                for d, (start, end) in zip(delays, switches)]
+    hits, misses = outcomes.count("hit"), outcomes.count("miss")
     false_alarms = len(found) - len(used)
     finite = [d for d in delays if math.isfinite(d)]
-    return {"delays": delays, "hits": hits, "misses": misses,
+    return {"delays": delays, "outcomes": outcomes, "hits": hits, "misses": misses,
             "hit_rate": hits / (hits + misses) if hits + misses else math.nan,
             "median_delay": float(np.median(finite)) if finite else math.nan,
             "false_alarms": false_alarms,

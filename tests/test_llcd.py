@@ -400,7 +400,10 @@ def test_detection_report_is_strict_hand_computed():
 def test_a_switch_whose_deadline_has_not_come_is_pending_not_missed():
     report = detector.detection_report([], [(100, 1000)], 120, max_delay=50)
     assert report["misses"] == 0 and report["hits"] == 0 and math.isnan(report["hit_rate"])
+    assert report["outcomes"] == ["pending"]
     assert detector.detection_report([], [(100, 1000)], 150, max_delay=50)["misses"] == 1
+    report = detector.detection_report([130], [(100, 200), (200, 400), (400, 1000)], 450, max_delay=60)
+    assert report["outcomes"] == ["hit", "miss", "pending"]  # the last deadline (460) lies beyond step 450
 
 
 def test_chance_hit_rate_hand_computed():
