@@ -74,8 +74,9 @@ class Dreamer(nn.Module):
     def policy(self, obs, state, mode, explore=False):
         """obs: dict of (N, ...) arrays; state: None at the start, then what the last call returned.
         mode: 'train' samples actions (and z), 'eval' takes the modes. Returns (actions (N, A), state);
-        with LLCD, ``state`` also holds each env's candidate surprise scores ``surprise``
-        {name: (N,)} (NaN at episode starts) and the context mean ``z`` (N, Z) used for this step."""
+        with LLCD, ``state`` also holds the context mean ``z`` (N, Z) used for this step and, in
+        'train' mode, each env's candidate surprise scores ``surprise`` {name: (N,)} (NaN at
+        episode starts)."""
         data = self.wm.preprocess({k: v for k, v in obs.items() if k in ("state", "image", "is_first", "reward")})
         if state is None:
             state = self.initial_state(data["is_first"].shape[0], data["is_first"].device)
@@ -93,11 +94,12 @@ class Dreamer(nn.Module):
         action = action.clamp(-1, 1)
         new_state = {"latent": latent, "action": action}
         if z is not None:
+            new_state.update(context=context, z=mean.float().cpu().numpy())
+        if z is not None and mode == "train":  # the surprise scores feed the detector: training steps only
             scores = self.wm.surprise(latent, data)
             scores["openloop_nll"], openloop = self.wm.openloop_surprise(state["openloop"], latent, state["action"],
                                                                          z, data)
-            new_state.update(context=context, openloop=openloop, z=mean.float().cpu().numpy(),
-                             surprise={name: score.cpu().numpy() for name, score in scores.items()})
+            new_state.update(openloop=openloop, surprise={name: score.cpu().numpy() for name, score in scores.items()})
         return action.cpu().numpy(), new_state
 
     def initial_state(self, batch, device):
@@ -372,7 +374,7 @@ class Run:
         self.replay = tools.Replay(self.logdir / "train_eps", config.dataset_size, config.seed, config.replay,
                                   config.replay_chunk)
         self.train_envs = make_envs(config, "train", config.envs)
-        self.eval_envs = make_envs(config, "eval", max(1, min(config.envs, config.eval_episode_num)))
+        self.eval_envs = make_envs(config, "eval", eval_env_count(config))
         space = self.train_envs[0]
         self.agent = Dreamer(space.observation_space, space.action_space, config).to(config.device)
         self.random = exploration.Random(self.agent.action_dim, self.agent.discrete)
@@ -727,10 +729,11 @@ VIDEO_FRAMES = 1000  # eval videos show at most this many frames (Atari and Craf
 
 def evaluate(agent, envs, episodes, record_video):
     """Greedy-policy returns of ``episodes`` episodes, the first episode's first ``VIDEO_FRAMES``
-    frames if ``record_video``, and with LLCD the context mean z of every step, in time order (n, Z)."""
+    frames if ``record_video``, and with LLCD the context mean z of every step, in time order (n, Z).
+    The episodes run in rounds of up to ``len(envs)``, one episode per env, the envs of a round in
+    one policy batch (see ``eval_env_count``)."""
     if episodes <= 0:
         return [], None, None
-    driver = tools.Driver(envs, keep_episodes=record_video)
     returns, frames, zs = [], [], []
 
     def on_episode(episode_return, length, episode):
@@ -738,16 +741,24 @@ def evaluate(agent, envs, episodes, record_video):
         if record_video and not frames:
             frames.append(episode["image"][:VIDEO_FRAMES])
 
-    def policy(obs, state):
-        actions, state = agent.policy(obs, state, "eval")
-        if "z" in state:
-            zs.append(state["z"])
-        return actions, state
-
     agent.eval()
-    driver.run(policy, episodes=episodes, on_episode=on_episode)
+    for first in range(0, episodes, len(envs)):
+        driver = tools.Driver(envs[:episodes - first], keep_episodes=record_video)
+
+        def policy(obs, state):
+            actions, state = agent.policy(obs, state, "eval")
+            if "z" in state:
+                zs.append(state["z"][sorted(driver.running)])  # (running, Z): waiting envs left out
+            return actions, state
+
+        driver.run_each_once(policy, on_episode=on_episode)
     agent.train()
-    return returns[:episodes], (frames[0] if frames else None), (np.concatenate(zs) if zs else None)
+    return returns, (frames[0] if frames else None), (np.concatenate(zs) if zs else None)
+
+
+def eval_env_count(config):
+    """Eval envs: one per eval episode (they run in one policy batch), at most ``eval_envs_max``."""
+    return max(1, min(config.eval_episode_num, config.eval_envs_max))
 
 
 def setup_logdir(config, logdir):
@@ -817,9 +828,10 @@ def eval_only(config):
     tools.check_checkpoint_config(config.checkpoint, payload["config"], config, keys=given,
                                   fix="drop those flags (eval uses the checkpoint's config) or pick another one")
     saved = tools.Config(payload["config"])
-    saved.update(device=config.device, eval_episode_num=config.eval_episode_num, parallel=config.parallel)
+    saved.update(device=config.device, eval_episode_num=config.eval_episode_num, parallel=config.parallel,
+                 eval_envs_max=config.eval_envs_max)
     check_rendering(saved)
-    envs = make_envs(saved, "eval", max(1, min(saved.envs, saved.eval_episode_num)))
+    envs = make_envs(saved, "eval", eval_env_count(saved))
     agent = Dreamer(envs[0].observation_space, envs[0].action_space, saved).to(config.device)
     load_agent(agent, payload, config.checkpoint, "pick another --checkpoint", optimizers=False)
     returns, _, _ = evaluate(agent, envs, saved.eval_episode_num, False)

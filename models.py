@@ -228,43 +228,48 @@ class ImagBehavior(nn.Module):
     def train_step(self, start, objective):
         """start: posterior state dict with (B, T, ...) tensors; objective(states {key: (H+1, N, ...)},
         feat (H+1, N, F), actions (H, N, A)) -> reward (H, N) for arriving at imagined states 1..H.
+        One update of the actor and of the critic; both gradients come from one imagined graph."""
+        with tools.autocast(self.config.precision, self.config.device):
+            actor_loss, critic_loss, stats = self.losses(start, objective)
+        metrics = self.actor_opt.step(actor_loss, retain_graph=True)
+        metrics.update(self.critic_opt.step(critic_loss))
+        self.update_slow_critic()
+        metrics.update({key: value.detach() for key, value in stats.items()})
+        return metrics
 
+    def losses(self, start, objective):
+        """Imagine from ``start`` and return (actor loss, critic loss, {name: scalar statistic}).
         Heads run on all H+1 states and their small outputs are sliced: slicing the large
         feature tensor instead would make its backward allocate and zero (H+1, N, F) per slice."""
         cfg = self.config
         dynamics = self.wm.dynamics
-        with tools.autocast(cfg.precision, cfg.device):
-            states, actions, entropies, log_probs = self.imagine(start, cfg.imag_horizon)
-            feat = dynamics.feat(states)  # (H+1, N, F)
-            reward = objective(states, feat, actions)  # (H, N)
-            discount = cfg.discount * self.wm.cont(feat).mean()[1:]  # (H, N)
-            feats = dynamics.policy_feat(states, feat)  # (H+1, N, F + Z)
-            critic = self.critic(feats)  # over (H+1, N); one forward serves actor and critic losses
-            value = critic.mode()  # (H+1, N)
-            returns = lambda_return(reward, value, discount, cfg.discount_lambda)  # (H, N)
-            weights = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-1]]), 0).detach()
-            scale = self.update_return_scale(returns)
-            adv = (returns - value[:-1]) / scale  # (H, N); dynamics backprop also through v(s_t)
-            if self.discrete or cfg.imag_gradient == "reinforce":
-                policy_term = log_probs * adv.detach()
-            else:
-                policy_term = adv
-            actor_loss = -(weights * (policy_term + cfg.actor.entropy * entropies)).mean()
-            critic_loss = self.critic_loss(critic[:-1], feats[:-1].detach(), returns.detach(), weights)
-        metrics = self.actor_opt.step(actor_loss, retain_graph=True)
-        metrics.update(self.critic_opt.step(critic_loss))
-        self.update_slow_critic()
-        metrics.update(imag_reward=reward.mean().detach(), imag_return=returns.mean().detach(),
-                       actor_entropy=entropies.mean().detach(), return_scale=scale.detach())
-        return metrics
+        states, actions, entropies, log_probs = self.imagine(start, cfg.imag_horizon)
+        feat = dynamics.feat(states)  # (H+1, N, F)
+        reward = objective(states, feat, actions)  # (H, N)
+        discount = cfg.discount * self.wm.cont(feat).mean()[1:]  # (H, N)
+        feats = dynamics.policy_feat(states, feat)  # (H+1, N, F + Z)
+        critic = self.critic(feats)  # over (H+1, N); one forward serves actor and critic losses
+        value = critic.mode()  # (H+1, N)
+        returns = lambda_return(reward, value, discount, cfg.discount_lambda)  # (H, N)
+        weights = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-1]]), 0).detach()
+        scale = self.update_return_scale(returns)
+        adv = (returns - value[:-1]) / scale  # (H, N); dynamics backprop also through v(s_t)
+        policy_term = adv if log_probs is None else log_probs * adv.detach()
+        actor_loss = -(weights * (policy_term + cfg.actor.entropy * entropies)).mean()
+        critic_loss = self.critic_loss(critic, feats.detach(), returns.detach(), weights)
+        stats = {"imag_reward": reward.mean(), "imag_return": returns.mean(),
+                 "actor_entropy": entropies.mean(), "return_scale": scale}
+        return actor_loss, critic_loss, stats
 
     def imagine(self, start, horizon):
         """Roll the prior forward with the actor from every start state (the LLCD context z
         stays fixed along a rollout). Continuous actions reach the model clipped to [-1, 1],
         as acting clips them, with the gradient of the unclipped sample (straight through).
         Returns states {deter, stoch[, context]: (H+1, N, ...)}, the actions the model saw
-        (H, N, A), entropies (H, N) and log-probs of the sampled actions (H, N)."""
+        (H, N, A), entropies (H, N) and log-probs of the sampled actions (H, N), the latter
+        only for the REINFORCE gradient (None with dynamics backprop, which does not use them)."""
         dynamics = self.wm.dynamics
+        reinforce = self.discrete or self.config.imag_gradient == "reinforce"
         keys = [key for key in ("deter", "stoch", "context") if key in start]
         state = {key: start[key].detach().flatten(0, 1) for key in keys}  # (N, ...)
         states, actions, entropies, log_probs = [state], [], [], []
@@ -276,15 +281,21 @@ class ImagBehavior(nn.Module):
             states.append(state)
             actions.append(action)
             entropies.append(dist.entropy())
-            log_probs.append(dist.log_prob(sample.detach()))
+            if reinforce:
+                log_probs.append(dist.log_prob(sample.detach()))
         states = {key: torch.stack([s[key] for s in states]) for key in keys}
-        return states, torch.stack(actions), torch.stack(entropies), torch.stack(log_probs)
+        log_probs = torch.stack(log_probs) if reinforce else None
+        return states, torch.stack(actions), torch.stack(entropies), log_probs
 
     def critic_loss(self, dist, feats, returns, weights):
         """Two-hot NLL of λ-returns plus regularisation toward the slow critic's prediction.
-        ``dist`` is the critic's output on ``feats``; its backward only reaches critic weights."""
-        slow = self.slow_critic(feats).mode().detach()
-        nll = -dist.log_prob(returns) - self.config.critic.slow_reg * dist.log_prob(slow)
+        ``dist``: the critic's output on all H+1 ``feats`` (H+1, N, F); returns and weights (H, N)
+        are for states 0..H-1. The loss runs on every state and drops the last one's (a value
+        padded in for it), so no slice of the logits is made; its backward only reaches critic
+        weights."""
+        slow = self.slow_critic(feats).mode().detach()  # (H+1, N)
+        returns = torch.cat([returns, slow[-1:]])  # (H+1, N): the last row is dropped below
+        nll = dist.cross_entropy([returns, slow], [1.0, self.config.critic.slow_reg])[:-1]  # (H, N)
         return (weights * nll).mean()
 
     @torch.no_grad()

@@ -30,26 +30,71 @@ def symexp(x):
 
 
 class TwoHotSymlog:
-    """Categorical over fixed symlog-spaced bins; predicts real values via two-hot targets."""
+    """Categorical over fixed symlog-spaced bins; predicts real values via two-hot targets.
+
+    The heads run on (H+1, N) imagined states (16K rows of 255 logits at batch 16x64), where
+    elementwise passes over the logits dominate an update on CPU, so the mean and the
+    cross-entropy have hand-written backward passes (``SoftmaxMean``, ``TwoHotCrossEntropy``):
+    the same gradients as autograd's, without materialising the outer-product and
+    scatter/zero-fill tensors it would build."""
 
     def __init__(self, logits, bins):
         self.logits = logits.float()  # (..., K)
         self.bins = bins  # (K,) in symlog space
 
-    def __getitem__(self, index):
-        return TwoHotSymlog(self.logits[index], self.bins)
-
     def mode(self):
-        return symexp(torch.softmax(self.logits, -1) @ self.bins)  # (...)
+        return symexp(SoftmaxMean.apply(self.logits, self.bins))  # (...)
 
     mean = mode
 
     def log_prob(self, x):
-        """Two-hot log-likelihood of ``x`` without building the dense target."""
-        below, above, weight_above = two_hot_indices(symlog(x.float()), self.bins)
-        log_probs = torch.log_softmax(self.logits, -1)
-        pick = torch.gather(log_probs, -1, torch.stack([below, above], -1))  # (..., 2)
-        return pick[..., 0] * (1 - weight_above) + pick[..., 1] * weight_above
+        """Two-hot log-likelihood of ``x`` (...) without building the dense target."""
+        return -self.cross_entropy([x], [1.0])
+
+    def cross_entropy(self, values, weights):
+        """-sum_i weights[i] * log_prob(values[i]): one pass over the logits for the mix of
+        several two-hot targets (e.g. the critic's λ-return and its slow-critic target)."""
+        index, weight = [], []
+        for value, scale in zip(values, weights):
+            below, above, weight_above = two_hot_indices(symlog(value.float()), self.bins)
+            index += [below, above]
+            weight += [scale * (1 - weight_above), scale * weight_above]
+        return TwoHotCrossEntropy.apply(self.logits, torch.stack(index, -1), torch.stack(weight, -1))
+
+
+class SoftmaxMean(torch.autograd.Function):
+    """softmax(logits) @ bins: (..., K) -> (...). Backward: d/dl_k = p_k (b_k - mean)."""
+
+    @staticmethod
+    def forward(ctx, logits, bins):
+        probs = torch.softmax(logits, -1)  # (..., K)
+        mean = probs @ bins  # (...)
+        ctx.save_for_backward(probs, bins, mean)
+        return mean
+
+    @staticmethod
+    def backward(ctx, grad):
+        probs, bins, mean = ctx.saved_tensors
+        grad = grad.unsqueeze(-1)  # (..., 1)
+        return probs * torch.addcmul(-grad * mean.unsqueeze(-1), grad, bins), None
+
+
+class TwoHotCrossEntropy(torch.autograd.Function):
+    """-sum_j weight_j log softmax(logits)[index_j]: logits (..., K), index and weight (..., M)
+    -> (...). Backward: d/dl = (sum_j weight_j) softmax(logits) - scatter(weight)."""
+
+    @staticmethod
+    def forward(ctx, logits, index, weight):
+        norm = torch.logsumexp(logits, -1, keepdim=True)  # (..., 1)
+        ctx.save_for_backward(logits, norm, index, weight)
+        return -(weight * (torch.gather(logits, -1, index) - norm)).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, norm, index, weight = ctx.saved_tensors
+        grad = grad.unsqueeze(-1)  # (..., 1)
+        out = torch.sub(logits, norm).exp_().mul_(grad * weight.sum(-1, keepdim=True))
+        return out.scatter_add_(-1, index, -grad * weight), None, None
 
 
 def two_hot_indices(x, bins):
@@ -135,7 +180,7 @@ class OneHotCategorical:
     """Categorical with unimix; samples are one-hot with straight-through gradients."""
 
     def __init__(self, logits, unimix):
-        probs = torch.softmax(logits.float(), -1)
+        probs = softmax(logits.float())
         self.probs = (1 - unimix) * probs + unimix / probs.shape[-1]  # (..., K)
 
     def mode(self):
@@ -155,6 +200,31 @@ class OneHotCategorical:
         return -(self.probs * torch.log(self.probs)).sum(-1)
 
 
+def softmax(logits):
+    """Softmax over the last axis. Below 16 classes (the small preset's 8x8 latents) torch's
+    CPU kernel, which vectorises along that axis, is ~3x slower than ``SmallSoftmax``."""
+    if logits.shape[-1] < 16 and logits.device.type == "cpu":
+        return SmallSoftmax.apply(logits)
+    return torch.softmax(logits, -1)
+
+
+class SmallSoftmax(torch.autograd.Function):
+    """Softmax over a short last axis as a few whole-tensor ops; backward p * (g - sum(p g))."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        exp = torch.sub(logits, logits.amax(-1, keepdim=True)).exp_()
+        probs = exp.div_(exp.sum(-1, keepdim=True))
+        ctx.save_for_backward(probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad):
+        (probs,) = ctx.saved_tensors
+        weighted = probs * grad
+        return weighted.sub_(probs * weighted.sum(-1, keepdim=True))
+
+
 def one_hot(index, like):
     """Float one-hot of ``index`` (...) with the shape and dtype of ``like`` (..., K)."""
     return torch.zeros_like(like).scatter_(-1, index.unsqueeze(-1), 1.0)
@@ -167,7 +237,7 @@ def straight_through(onehot, probs):
 
 def unimix_log_probs(logits, unimix):
     """Log-probabilities of the unimix categorical over the last axis."""
-    probs = torch.softmax(logits.float(), -1)
+    probs = softmax(logits.float())
     return torch.log((1 - unimix) * probs + unimix / probs.shape[-1])
 
 
@@ -436,8 +506,8 @@ class RSSM(nn.Module):
         parts = self.gru_norm(self.gru(torch.cat([x, deter], -1)))
         reset, cand, update = parts.chunk(3, -1)
         cand = torch.tanh(torch.sigmoid(reset) * cand)
-        update = torch.sigmoid(update - 1)
-        return update * cand + (1 - update) * deter
+        update = torch.sigmoid(update - 1).type_as(deter)  # (N, D); under autocast deter may be fp32
+        return torch.lerp(deter, cand.type_as(deter), update)  # update * cand + (1 - update) * deter
 
     def observe(self, embed, action, is_first, state=None, context=None):
         """Posterior scan. embed (B,T,E), action (B,T,A) = action that led to each step,
@@ -449,12 +519,14 @@ class RSSM(nn.Module):
         action_in = self.input_projection(action * (1 - first), context)  # (B, T, H)
         embed_in = self.post_embed(embed)  # (B, T, H)
         init = self.initial(batch)
+        starts = is_first.bool().any(0).tolist()  # per step: does any sequence start an episode there
         deter, stoch = state["deter"], state["stoch"]
         deters, stochs, logits = [], [], []
         for t in range(length):
-            keep = 1 - first[:, t]  # (B, 1)
-            deter = keep * deter + (1 - keep) * init["deter"]
-            stoch = keep.unsqueeze(-1) * stoch + (1 - keep.unsqueeze(-1)) * init["stoch"]
+            if starts[t]:  # reset those sequences to the initial state; most steps have none
+                keep = 1 - first[:, t]  # (B, 1)
+                deter = keep * deter + (1 - keep) * init["deter"]
+                stoch = keep.unsqueeze(-1) * stoch + (1 - keep.unsqueeze(-1)) * init["stoch"]
             deter = self.recur(stoch, action_in[:, t], deter)
             logit = self.post_logit(self.post_norm(self.post_deter(deter) + embed_in[:, t]))
             logit = logit.unflatten(-1, (self.stoch, self.discrete))  # (B, S, K)

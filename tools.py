@@ -41,7 +41,7 @@ from ruamel.yaml import YAML
 ROOT = pathlib.Path(__file__).resolve().parent
 SUITES = ("dmc", "atari", "crafter", "memorymaze")  # task name prefixes: <suite>_<name> (envs/<suite>.py)
 CHOICES = {
-    "precision": (32, 16, "bf16"),
+    "precision": (32, 16, "bf16", "auto"),
     "expl_behavior": ("greedy", "random", "plan2explore"),
     "imag_gradient": ("dynamics", "reinforce"),
     "disag_target": ("stoch", "deter", "feat", "embed"),
@@ -205,7 +205,16 @@ def load_config(argv, path=ROOT / "configs.yaml"):
         apply_override(config, key, raw)
     config["configs"] = blocks
     validate(config)
+    config["precision"] = resolve_precision(config["precision"], config["device"])
     return Config(config)
+
+
+def resolve_precision(precision, device):
+    """``auto``: bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    device = "cuda" if device == "auto" and torch.cuda.is_available() else device
+    return "bf16" if str(device).startswith("cuda") or cpu_has_native_bf16() else 32
 
 
 def validate(config):
@@ -214,7 +223,7 @@ def validate(config):
                 "eval_every", "log_every", "checkpoint_every", "dataset_size", "replay_chunk", "imag_horizon",
                 "llcd_context_len", "llcd_context_dim", "llcd_units", "llcd_lr", "llcd_smoothing", "llcd_history_window",
                 "llcd_sigma", "llcd_patience", "llcd_burn_in", "llcd_cusum_drift", "llcd_false_alarms_per_100k",
-                "llcd_openloop_horizon", "nonfinite_limit"]
+                "llcd_openloop_horizon", "nonfinite_limit", "eval_envs_max"]
     for key in positive:
         if config[key] <= 0:
             raise ConfigError(f"'{key}' must be > 0, got {config[key]}")
@@ -896,23 +905,47 @@ class Driver:
             needs_reset = [i for i, obs in enumerate(self.obs) if obs is None]
             if needs_reset:
                 self.reset_envs(needs_reset)
-            batch = {key: np.stack([obs[key] for obs in self.obs]) for key in self.obs[0] if not is_log(key)}
-            batch["reward"] = self.rewards.copy()  # (N,) the reward that came with each observation
-            actions, self.state = policy(batch, self.state)  # (N, A)
-            promises = [env.step(action) for env, action in zip(self.envs, actions)]
-            for index, promise in enumerate(promises):
-                obs, reward, done, info = promise()
-                self.obs[index] = obs
-                self.returns[index] += reward
-                self.rewards[index] = reward
-                self.lengths[index] += 1
-                self.record(index, obs, actions[index], reward, info.get("discount", 1.0))
-                if done:
-                    episode += 1
-                    self.end_episode(index, on_episode)
+            actions, self.state = policy(self.policy_batch(), self.state)  # (N, A)
+            episode += len(self.step_envs(range(len(self.envs)), actions, on_episode))
             step += len(self.envs)
             if on_step:
                 on_step(len(self.envs))
+
+    def run_each_once(self, policy, on_episode=None):
+        """Every env runs one episode from a reset, all in one policy batch (evaluation: one
+        policy call serves N episodes, and no env starts a second, shorter-biased episode).
+        An env whose episode has ended waits, an earlier observation of it still in the batch and
+        its actions dropped, until the last episode ends. ``self.running``: the envs still running."""
+        self.reset_envs(range(len(self.envs)))
+        self.running = set(range(len(self.envs)))
+        while self.running:
+            actions, self.state = policy(self.policy_batch(), self.state)  # (N, A)
+            before = list(self.obs)
+            for index in self.step_envs(sorted(self.running), actions, on_episode):
+                self.obs[index] = before[index]  # a placeholder row: the episode is over
+                self.running.discard(index)
+
+    def policy_batch(self):
+        """The envs' current observations stacked {key: (N, ...)}, with the reward that came with each."""
+        batch = {key: np.stack([obs[key] for obs in self.obs]) for key in self.obs[0] if not is_log(key)}
+        batch["reward"] = self.rewards.copy()  # (N,)
+        return batch
+
+    def step_envs(self, indices, actions, on_episode):
+        """Step the envs ``indices`` with their rows of ``actions``; returns those whose episode ended."""
+        promises = [(index, self.envs[index].step(actions[index])) for index in indices]
+        ended = []
+        for index, promise in promises:
+            obs, reward, done, info = promise()
+            self.obs[index] = obs
+            self.returns[index] += reward
+            self.rewards[index] = reward
+            self.lengths[index] += 1
+            self.record(index, obs, actions[index], reward, info.get("discount", 1.0))
+            if done:
+                ended.append(index)
+                self.end_episode(index, on_episode)
+        return ended
 
     def end_episode(self, index, on_episode):
         kept = self.episodes.pop(index, None)

@@ -102,6 +102,44 @@ def test_twohot_symlog_log_prob_matches_dense_cross_entropy():
     assert d.log_prob(torch.tensor([4.0])) > d.log_prob(torch.tensor([40.0]))
 
 
+def test_twohot_hand_written_backward_passes_match_finite_differences():
+    """SoftmaxMean and TwoHotCrossEntropy replace autograd's backward with their own formulas:
+    gradcheck compares them with numerical derivatives (float64)."""
+    torch.manual_seed(1)
+    logits = torch.randn(4, 3, 255, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: networks.SoftmaxMean.apply(x, BINS.double()), (logits,))
+    index = torch.randint(0, 255, (4, 3, 4))
+    weight = torch.rand(4, 3, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: networks.TwoHotCrossEntropy.apply(x, index, weight), (logits,))
+
+
+def test_twohot_mean_and_mixed_cross_entropy_match_plain_formulas():
+    torch.manual_seed(2)
+    logits = torch.randn(5, 255, requires_grad=True)
+    dist = networks.TwoHotSymlog(logits, BINS)
+    assert torch.allclose(dist.mode(), networks.symexp(torch.softmax(logits, -1) @ BINS), rtol=1e-5)
+    a, b = torch.randn(5) * 10, torch.randn(5)
+    dense = (networks.two_hot(networks.symlog(a), BINS) + 0.5 * networks.two_hot(networks.symlog(b), BINS))
+    plain = -(dense * torch.log_softmax(logits, -1)).sum(-1)
+    mixed = dist.cross_entropy([a, b], [1.0, 0.5])
+    assert torch.allclose(mixed, plain, atol=1e-5)
+    grad_fast, = torch.autograd.grad(mixed.sum(), logits)
+    grad_plain, = torch.autograd.grad(plain.sum(), logits)
+    assert torch.allclose(grad_fast, grad_plain, atol=1e-6)
+
+
+@pytest.mark.parametrize("classes", [8, 32])
+def test_softmax_fast_path_matches_torch_and_its_gradient(classes):
+    torch.manual_seed(3)
+    logits = torch.randn(64, 8, classes, dtype=torch.float64, requires_grad=True)
+    assert torch.allclose(networks.softmax(logits), torch.softmax(logits, -1))
+    assert torch.autograd.gradcheck(networks.SmallSoftmax.apply, (logits[:3].detach().requires_grad_(),))
+    weights = torch.randn_like(logits)
+    grad_fast, = torch.autograd.grad((networks.softmax(logits) * weights).sum(), logits)
+    grad_plain, = torch.autograd.grad((torch.softmax(logits, -1) * weights).sum(), logits)
+    assert torch.allclose(grad_fast, grad_plain)
+
+
 # ----------------------------------------------------------------- unimix categorical
 
 
@@ -288,6 +326,23 @@ def test_rssm_is_first_resets_state_stochastic():
     assert torch.allclose(post2["deter"][0, t], post["deter"][0, t], atol=1e-6)
     # a sequence without the reset keeps its history
     assert not torch.allclose(post["deter"][1, t], fresh["deter"][1, 0], atol=1e-4)
+
+
+def test_rssm_steps_without_an_episode_start_skip_the_reset_and_keep_the_result():
+    """observe resets only at steps where some sequence starts an episode: a sequence that
+    does not start there gets bit-identical states whether or not another one does."""
+    rssm = small_rssm()
+    embed, action = torch.randn(2, 6, 6), torch.randn(2, 6, 2)
+    quiet = torch.zeros(2, 6, dtype=torch.bool)
+    other = quiet.clone()
+    other[0, 3] = True  # the reset path runs at step 3, for sequence 0 only
+    torch.manual_seed(9)
+    post_quiet, _ = rssm.observe(embed, action, quiet)
+    torch.manual_seed(9)
+    post_other, _ = rssm.observe(embed, action, other)
+    for key in ("deter", "stoch", "logit"):
+        assert torch.equal(post_quiet[key][1], post_other[key][1])
+    assert not torch.allclose(post_quiet["deter"][0, 3], post_other["deter"][0, 3])
 
 
 def test_rssm_is_first_resets_state_whole_suffix(monkeypatch):

@@ -13,6 +13,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import dreamer  # noqa: E402
 import tools  # noqa: E402
 from envs import wrappers  # noqa: E402
 
@@ -145,6 +146,14 @@ def test_windows_longer_than_an_episode_are_accepted():
     assert config.batch_length == 600 and config.replay_chunk == 600
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
+    monkeypatch.setattr(tools, "cpu_has_native_bf16", lambda: native)
+    assert tools.load_config(["--precision", "auto", "--device", "cpu"]).precision == ("bf16" if native else 32)
+    assert tools.load_config(["--precision", "32", "--device", "cpu"]).precision == 32
+    assert tools.load_config(["--configs", "small", "--device", "cpu"]).precision == 32  # bf16 does not pay there
+
+
 def test_default_logdir_names_task_blocks_llcd_and_seed():
     config = tools.load_config(["--configs", "debug", "--task", "dmc_cartpole_balance", "--seed", "3"])
     logdir = pathlib.Path(tools.default_logdir(config))
@@ -263,6 +272,45 @@ def test_driver_steps_count_all_envs():
     driver.run(lambda obs, state: (np.zeros((2, 2), np.float32), None), steps=10, on_step=counted.append)
     assert sum(counted) == 10
     assert all(len(env.env.actions) == 5 for env in envs)
+
+
+def test_driver_runs_each_env_for_exactly_one_episode_in_one_batch():
+    """Evaluation: envs of episode lengths 2, 5 and 3 each run one episode; a finished env is
+    not stepped again (no second, short episode), and the batch keeps all three rows."""
+    envs = [wrappers.InProcess(CountingEnv(name, length)) for name, length in (("a", 2), ("b", 5), ("c", 3))]
+    driver = tools.Driver(envs)
+    calls, finished = [], []
+
+    def policy(obs, state):
+        calls.append(sorted(driver.running))
+        assert obs["state"].shape == (3, 1)
+        return np.zeros((3, 2), np.float32), None
+
+    driver.run_each_once(policy, on_episode=lambda ret, length, ep: finished.append((ret, length)))
+    assert sorted(finished) == [(3.0, 2), (6.0, 3), (15.0, 5)]
+    assert [len(env.env.actions) for env in envs] == [2, 5, 3]
+    assert [env.env.episodes for env in envs] == [1, 1, 1]
+    assert len(calls) == 5 and calls[0] == [0, 1, 2] and calls[2] == [1, 2] and calls[3] == [1]
+
+
+def test_evaluate_runs_the_episodes_in_rounds_of_the_eval_envs():
+    envs = [wrappers.InProcess(CountingEnv(name, length)) for name, length in (("a", 2), ("b", 4))]
+
+    class Agent:
+        def policy(self, obs, state, mode):
+            assert mode == "eval"
+            return np.zeros((len(obs["is_first"]), 2), np.float32), {}
+
+        def eval(self):
+            pass
+
+        def train(self):
+            pass
+
+    returns, _, _ = dreamer.evaluate(Agent(), envs, 5, record_video=False)
+    # rounds: (a, b), (a, b), (a): five episodes, none of them a second one of the same env in a round
+    assert sorted(returns) == [3.0, 3.0, 3.0, 10.0, 10.0]
+    assert [env.env.episodes for env in envs] == [3, 2]
 
 
 # ----------------------------------------------------------------- checkpoints
