@@ -1,10 +1,11 @@
 """How fast the agent runs, measured: one command, one table.
 
-    python bench.py                                  # dmc_proprio and small, fp32 and bf16, CPU (+ GPU)
+    python bench.py                                  # dmc_proprio, small, atari100k, dmc_vision; fp32, bf16; CPU (+ GPU)
     python bench.py --sizes small --precisions 32 --updates 5
     python bench.py --compile                        # also time updates with compile: True
     python bench.py --default-malloc                 # without keeping freed memory (see below)
     python bench.py --skip update act --envs 2       # env steps/s of every suite only
+    python bench.py --skip update act env --pixel-sizes atari100k --updates 1   # one pixel block's update
 
 Rows:
 - ``update``: one gradient update (``Dreamer.train_step``: world model and
@@ -14,6 +15,14 @@ Rows:
   ``--warmup``; ``GFLOP/s`` = GFLOP / s; ``peak`` is the best GFLOP/s of up
   to ten 2048^3 matmuls (~5 s of them at most) of the same dtype on the
   same device, measured now, and ``%peak`` = GFLOP/s / peak.
+- ``pixel update``: the same for each of ``--pixel-sizes`` (the pixel blocks
+  ``atari100k``, ``crafter``, ``memorymaze``, ``dmc_vision``, at their paper
+  sizes) on 16x64 batches of 64x64x3 uint8 images with the suite's actions:
+  one-hots of 18 (Atari's full set), 17 (Crafter), 6 (Memory Maze), or 6
+  continuous (dmc_vision, walker). By default atari100k and dmc_vision (size
+  S); the XL blocks (Crafter, Memory Maze) take minutes per update on a CPU and
+  run only when named: ``--updates`` and ``--warmup`` bound the updates of a row
+  (one more counts its FLOPs), and each row prints when it is done.
 - ``act``: latency of one policy step (encoder, posterior step, actor) for
   one env, median over ``--act-steps`` steps; with and without LLCD (which
   adds the context step and the surprise score).
@@ -45,27 +54,57 @@ import dreamer
 import tools
 
 OBS_DIM, ACTION_DIM = 24, 6
+# (observation space, action space) of the update rows: walker proprio, and for the pixel rows
+# 64x64 colour images with each block's actions (Atari's full action set, Crafter's, Memory
+# Maze's; dmc_vision: walker's joints).
+PROPRIO = (gym.spaces.Dict({"state": gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)}),
+           gym.spaces.Box(-1, 1, (ACTION_DIM,), np.float32))
+IMAGE = gym.spaces.Dict({"image": gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)})
+PIXEL_SPACES = {"atari100k": (IMAGE, gym.spaces.Discrete(18)), "crafter": (IMAGE, gym.spaces.Discrete(17)),
+                "memorymaze": (IMAGE, gym.spaces.Discrete(6)), "dmc_vision": (IMAGE, PROPRIO[1])}
 
 
-def fake_batch(batch, length, rng):
-    """A replay batch shaped like walker proprio data."""
+def fake_batch(spaces, batch, length, rng):
+    """A replay batch of ``batch`` x ``length`` random steps of ``spaces`` (observation, action)."""
+    obs_space, act_space = spaces
+    shape = (batch, length)
     return {
-        "state": rng.normal(size=(batch, length, OBS_DIM)).astype(np.float32),
-        "action": rng.uniform(-1, 1, size=(batch, length, ACTION_DIM)).astype(np.float32),
-        "reward": rng.uniform(0, 1, size=(batch, length)).astype(np.float32),
+        **{key: fake_values(space, shape, rng) for key, space in obs_space.spaces.items()},
+        "action": fake_actions(act_space, shape, rng),
+        "reward": rng.uniform(0, 1, size=shape).astype(np.float32),
         "is_first": np.eye(1, length, dtype=bool).repeat(batch, 0),
-        "is_terminal": np.zeros((batch, length), dtype=bool),
+        "is_terminal": np.zeros(shape, dtype=bool),
     }
 
 
-def build_agent(block, precision, device, batch=16, length=64, extra=()):
-    args = ["--configs", block] if block != "defaults" else []
+def fake_values(space, shape, rng):
+    """Random observations of a Box ``space``: (*shape, *space.shape), uint8 pixels or normal floats."""
+    if space.dtype == np.uint8:
+        return rng.integers(0, 256, size=(*shape, *space.shape), dtype=np.uint8)
+    return rng.normal(size=(*shape, *space.shape)).astype(np.float32)
+
+
+def fake_actions(space, shape, rng):
+    """Uniform actions (*shape, A): one-hots of a Discrete ``space``, values in [-1, 1] of a Box."""
+    if isinstance(space, gym.spaces.Discrete):
+        return np.eye(space.n, dtype=np.float32)[rng.integers(space.n, size=shape)]
+    return rng.uniform(-1, 1, size=(*shape, *space.shape)).astype(np.float32)
+
+
+def build_agent(blocks, precision, device, batch=16, length=64, extra=(), spaces=PROPRIO):
+    """An agent of the config ``blocks`` (a list; 'defaults' adds nothing) for ``spaces``."""
+    names = [block for block in blocks if block != "defaults"]
+    args = ["--configs", *names] if names else []
     config = tools.load_config(args + ["--precision", str(precision), "--device", device,
                                        "--batch_size", str(batch), "--batch_length", str(length), *extra])
     config.device = tools.resolve_device(config.device)
-    obs_space = gym.spaces.Dict({"state": gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)})
-    act_space = gym.spaces.Box(-1, 1, (ACTION_DIM,), np.float32)
-    return dreamer.Dreamer(obs_space, act_space, config).to(config.device), config
+    return dreamer.Dreamer(*spaces, config).to(config.device), config
+
+
+def update_setup(blocks, spaces, precision, device, batch, length, extra=()):
+    """The agent of an update row and its fake replay batch of ``spaces``."""
+    agent, config = build_agent(blocks, precision, device, batch, length, extra, spaces)
+    return agent, fake_batch(spaces, config.batch_size, config.batch_length, np.random.default_rng(0))
 
 
 def sync(device):
@@ -110,20 +149,19 @@ def matmul_peak(device, precision):
     return 2 * size ** 3 / min(times) / 1e9
 
 
-def bench_update(size, precision, device, compiled, args):
+def bench_update(size, precision, device, compiled, args, spaces=PROPRIO, label="update"):
     extra = ["--compile", "True"] if compiled else []
-    agent, config = build_agent(size, precision, device, args.batch, args.length, extra)
-    batch = fake_batch(config.batch_size, config.batch_length, np.random.default_rng(0))
+    agent, batch = update_setup([size], spaces, precision, device, args.batch, args.length, extra)
     flops = update_flops(agent, batch) / 1e9
     seconds = median_seconds(lambda: agent.train_step(batch), device, args.updates, args.warmup)
     peak = matmul_peak(device, precision)
-    label = f"update{' compiled' if compiled else ''}"
+    label = f"{label}{' compiled' if compiled else ''}"
     return (f"{label:<17} {size:<12} {device:<5} {str(precision):<5} {flops:>8.1f} {seconds:>8.3f} "
             f"{flops / seconds:>8.1f} {peak:>8.1f} {100 * flops / seconds / peak:>6.1f}%")
 
 
 def bench_act(size, precision, device, llcd, args):
-    agent, config = build_agent(size, precision, device, extra=["--llcd", str(llcd)])
+    agent, config = build_agent([size], precision, device, extra=["--llcd", str(llcd)])
     rng = np.random.default_rng(0)
     state = {"value": None}
 
@@ -162,6 +200,22 @@ def bench_env(task, count, args, extra=(), label=""):
     return f"{label:<17} {task:<16} {'cpu':<5} {'':<5} {'':>8} {rate:>8.0f} env steps/s"
 
 
+def skipped(size, precision, device, args):
+    """Print a 'skipped' row and return True for bf16 on a CPU without native bf16 (unless ``--all``)."""
+    warning = tools.precision_warning(precision, device)
+    if not warning or args.all:
+        return False
+    print(f"{'skipped':<17} {size:<12} {device:<5} {precision:<5} "
+          f"{warning.removeprefix('warning: ')}; --all runs it anyway", flush=True)
+    return True
+
+
+def print_updates(size, precision, device, args, spaces=PROPRIO, label="update"):
+    """The update rows of one size: eager, and with ``--compile`` compiled too, each printed when done."""
+    for compiled in [False, True] if args.compile else [False]:
+        print(bench_update(size, precision, device, compiled, args, spaces, label), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["dmc_proprio", "small"])
@@ -179,7 +233,10 @@ def main():
                         help="DMC tasks timed from 64x64 pixels, with the default and the fast renderer")
     parser.add_argument("--env-seconds", type=float, default=10.0, help="stepping time per env measurement")
     parser.add_argument("--envs", type=int, default=4, help="parallel envs of the second env row")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["update", "act", "env"])
+    parser.add_argument("--pixel-sizes", nargs="+", default=["atari100k", "dmc_vision"], choices=list(PIXEL_SPACES),
+                        help="blocks timed on 64x64 pixel batches with their suite's actions (crafter and "
+                             "memorymaze, size XL, take minutes per update on a CPU: name them to time them)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["update", "pixel-update", "act", "env"])
     parser.add_argument("--all", action="store_true", help="also run bf16 on CPUs without native bf16")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc malloc as is (dreamer.py keeps freed memory on CPU)")
@@ -193,17 +250,17 @@ def main():
     for device in args.devices:
         for size in args.sizes:
             for precision in precisions:
-                warning = tools.precision_warning(precision, device)
-                if warning and not args.all:
-                    print(f"{'skipped':<17} {size:<12} {device:<5} {precision:<5} "
-                          f"{warning.removeprefix('warning: ')}; --all runs it anyway")
+                if skipped(size, precision, device, args):
                     continue
                 if "update" not in args.skip:
-                    for compiled in [False, True] if args.compile else [False]:
-                        print(bench_update(size, precision, device, compiled, args), flush=True)
+                    print_updates(size, precision, device, args)
                 if "act" not in args.skip:
                     for llcd in (False, True):
                         print(bench_act(size, precision, device, llcd, args), flush=True)
+        for block in args.pixel_sizes if "pixel-update" not in args.skip else []:
+            for precision in precisions:
+                if not skipped(block, precision, device, args):
+                    print_updates(block, precision, device, args, PIXEL_SPACES[block], "pixel update")
     if "env" not in args.skip:
         for task in args.env_tasks:
             for count in (1, args.envs):

@@ -7,6 +7,7 @@
     python dreamer.py --configs crafter small
     python dreamer.py --configs memorymaze --task memorymaze_9x9
     python dreamer.py --eval_only True --checkpoint logdir/RUN/latest.pt
+    python dreamer.py --configs atari100k --task atari_breakout --eval_only True --eval_policy random
 
 The loop: prefill the replay with random actions, then alternate acting in
 ``envs`` environments with gradient updates so that on average
@@ -498,14 +499,11 @@ class Run:
         print(f"Prefill: {missing} random agent steps.", flush=True)
         progress = tools.Progress("prefill", self.config.prefill, self.agent_step, self.config.action_repeat)
 
-        def random_policy(obs, state):
-            feat = torch.zeros(len(obs["is_first"]), 1)
-            return self.random.actor(feat).sample().numpy(), None
-
         def on_step(count):
             self.agent_step += count
             progress.update(count)
 
+        random_policy = functools.partial(self.random.policy, mode="train")
         self.driver.run(random_policy, steps=missing, on_step=on_step, on_episode=self.on_train_episode)
         self.driver.state = None
         progress.close()
@@ -761,11 +759,12 @@ def eval_env_count(config):
     return max(1, min(config.eval_episode_num, config.eval_envs_max))
 
 
-def setup_logdir(config, logdir):
-    """Create ``logdir`` and write the resolved config there."""
+def setup_logdir(config, logdir, write_config=True):
+    """Create ``logdir`` and write the resolved config there (unless not ``write_config``)."""
     try:
         logdir.mkdir(parents=True, exist_ok=True)
-        tools.write_yaml({**config.to_dict(), "logdir": str(logdir)}, logdir / "config.yaml")
+        if write_config:
+            tools.write_yaml({**config.to_dict(), "logdir": str(logdir)}, logdir / "config.yaml")
     except OSError as error:
         raise tools.ConfigError(f"cannot write to logdir '{logdir}' ({error.strerror}); pass --logdir DIR") from error
 
@@ -818,7 +817,10 @@ def one_line(error, limit=300):
 def eval_only(config):
     """Evaluate a saved agent: print returns and write eval_returns.json next to the checkpoint.
     The agent is built from the checkpoint's config; architecture flags given on the command
-    line (those differing from the defaults) must agree with it."""
+    line (those differing from the defaults) must agree with it. ``eval_policy: random``
+    evaluates uniform random actions instead (``eval_random``)."""
+    if config.eval_policy == "random":
+        return eval_random(config)
     if not config.checkpoint or not pathlib.Path(config.checkpoint).exists():
         raise tools.ConfigError(f"--eval_only needs --checkpoint PATH to an existing latest.pt, got {config.checkpoint!r}")
     payload = read_checkpoint(config.checkpoint, config.device)
@@ -837,10 +839,34 @@ def eval_only(config):
     returns, _, _ = evaluate(agent, envs, saved.eval_episode_num, False)
     close_envs(envs)
     out = pathlib.Path(config.checkpoint).with_name("eval_returns.json")
-    summary = {"checkpoint": str(config.checkpoint), "env_step": payload["agent_step"] * saved.action_repeat,
-               "returns": returns, "mean": float(np.mean(returns)), "std": float(np.std(returns))}
-    tools.atomic_write_bytes(out, json.dumps(summary, indent=2).encode())
-    print(f"eval over {len(returns)} episodes: {summary['mean']:.1f} ± {summary['std']:.1f} -> {out}")
+    return write_eval_summary(out, returns, checkpoint=str(config.checkpoint), task=saved.task,
+                              env_step=payload["agent_step"] * saved.action_repeat)
+
+
+def eval_random(config):
+    """The random-policy baseline: ``eval_episode_num`` episodes of uniform random actions on the
+    task's eval envs, through ``evaluate`` as an agent's; eval_returns.json goes to the logdir."""
+    check_rendering(config)
+    logdir = pathlib.Path(config.logdir) if config.logdir else tools.default_logdir(config)
+    setup_logdir(config, logdir, write_config=False)  # it may hold a training run's config
+    envs = make_envs(config, "eval", eval_env_count(config))
+    space = envs[0].action_space
+    policy = exploration.Random(tools.action_shape(space)[0], isinstance(space, gym.spaces.Discrete))
+    returns, _, _ = evaluate(policy, envs, config.eval_episode_num, False)
+    close_envs(envs)
+    return write_eval_summary(logdir / "eval_returns.json", returns, policy="random", task=config.task,
+                              seed=config.seed)
+
+
+def write_eval_summary(path, returns, **info):
+    """Write ``info`` (with ``task``), the returns, their mean and std (and on Atari the
+    human-normalised mean) to ``path`` as JSON, print them in one line, return them."""
+    summary = {**info, "returns": returns, "mean": float(np.mean(returns)), "std": float(np.std(returns))}
+    normalized = human_normalized(info["task"], summary["mean"])
+    if normalized is not None:
+        summary["human_normalized"] = normalized
+    tools.atomic_write_bytes(path, json.dumps(summary, indent=2).encode())
+    print(f"eval over {len(returns)} episodes: {summary['mean']:.1f} ± {summary['std']:.1f} -> {path}")
     return summary
 
 

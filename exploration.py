@@ -1,6 +1,6 @@
 """Exploration behaviours selected by ``expl_behavior``.
 
-- ``Random``: uniform random actions (also used for prefill).
+- ``Random``: uniform random actions (also used for prefill and the ``eval_policy: random`` baseline).
 - ``Plan2Explore``: an ensemble of one-step predictors of the next latent
   (``disag_target``); their disagreement (std across members) is an
   intrinsic reward for a second actor-critic trained in imagination, mixed
@@ -41,6 +41,12 @@ class Random(nn.Module):
 
     def actor(self, feat):
         return UniformActions((*feat.shape[:-1], self.action_dim), self.discrete, feat.device)
+
+    def policy(self, obs, state, mode):
+        """``Dreamer.policy``'s interface: uniform actions (N, A) for the N envs of ``obs``, in every
+        mode; the state stays empty."""
+        feat = torch.zeros(len(obs["is_first"]), 1)  # (N, 1): only its batch shape is used
+        return self.actor(feat).sample().numpy(), {}
 
     def train_step(self, start, post, data):
         return {}

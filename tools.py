@@ -50,6 +50,7 @@ CHOICES = {
     "llcd_gate": ("detector", "always", "never"),
     "llcd_score": ("obs_nll", "latent_kl", "reward_nll", "openloop_nll"),
     "llcd_detector": ("threshold", "cusum"),
+    "eval_policy": ("agent", "random"),
 }
 
 
@@ -247,6 +248,7 @@ def validate(config):
         validate_discrete_task(config, suite)
     if config["crl_tasks"]:
         validate_schedule(config)
+    validate_eval_policy(config)
     if config["replay_chunk"] < config["batch_length"]:
         raise ConfigError(f"'replay_chunk' ({config['replay_chunk']}) must be >= 'batch_length' "
                           f"({config['batch_length']}): a window spans at most two chunks; raise replay_chunk")
@@ -256,6 +258,16 @@ def validate(config):
     if config["llcd"] and config["replay_chunk"] <= config["llcd_context_len"]:
         raise ConfigError(f"'replay_chunk' ({config['replay_chunk']}) must exceed 'llcd_context_len' "
                           f"({config['llcd_context_len']}): the context before a window comes from one chunk")
+
+
+def validate_eval_policy(config):
+    """``eval_policy: random`` is an evaluation of its own: with ``eval_only`` and no checkpoint."""
+    if config["eval_policy"] != "random":
+        return
+    if not config["eval_only"]:
+        raise ConfigError("'eval_policy: random' only evaluates (it trains nothing): add --eval_only True")
+    if config["checkpoint"]:
+        raise ConfigError("'eval_policy: random' evaluates no agent: drop --checkpoint")
 
 
 def validate_task(task):
@@ -380,7 +392,8 @@ def compile_available():
 def default_logdir(config):
     blocks = "-".join(config.configs) or "defaults"
     llcd = config.get("llcd", False)
-    return ROOT / "logdir" / f"{config.task}-{blocks}-llcd{llcd}-seed{config.seed}"
+    policy = "-random" if config.get("eval_policy") == "random" else ""  # a baseline's own folder
+    return ROOT / "logdir" / f"{config.task}-{blocks}-llcd{llcd}-seed{config.seed}{policy}"
 
 
 # ----------------------------------------------------------------- files

@@ -26,6 +26,7 @@ sys.path.insert(0, ROOT)
 
 import dreamer  # noqa: E402
 import tools  # noqa: E402
+from envs import wrappers  # noqa: E402
 from runs import chunk_files, read_rows, replay_steps, run_main  # noqa: E402
 
 BASE = ["--configs", "debug", "--task", "dmc_cartpole_balance", "--train_ratio", "16", "--device", "cpu",
@@ -157,6 +158,48 @@ def test_eval_only_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(SystemExit) as info:
         dreamer.main(["--eval_only", "True", "--checkpoint", str(tmp_path / "missing.pt")])
     assert "checkpoint" in str(info.value.code)
+
+
+RANDOM_EVAL = {  # task -> its block and a time limit of 100 agent steps
+    "atari_pong": ["--configs", "atari100k", "--time_limit", "400"],
+    "dmc_cartpole_balance": ["--time_limit", "200"],
+}
+
+
+@pytest.mark.parametrize("task", sorted(RANDOM_EVAL))
+def test_random_baseline_evaluates_uniform_actions_without_a_checkpoint(monkeypatch, tmp_path, task):
+    sent = []  # every action the eval envs were given, (A,) each
+    step = wrappers.InProcess.step
+
+    def recording_step(env, action):
+        sent.append(np.array(action))
+        return step(env, action)
+
+    monkeypatch.setattr(wrappers.InProcess, "step", recording_step)
+    printed = run_main([*RANDOM_EVAL[task], "--task", task, "--eval_only", "True", "--eval_policy", "random",
+                        "--eval_episode_num", "3", "--device", "cpu", "--logdir", str(tmp_path)])
+    summary = json.loads((tmp_path / "eval_returns.json").read_text())
+    assert summary["policy"] == "random" and summary["task"] == task and len(summary["returns"]) == 3
+    assert summary["mean"] == pytest.approx(np.mean(summary["returns"]))
+    assert f"eval over 3 episodes: {summary['mean']:.1f}" in printed
+    assert summary.get("human_normalized") == dreamer.human_normalized(task, summary["mean"])
+    assert [path.name for path in tmp_path.iterdir()] == ["eval_returns.json"]  # no checkpoint, no replay
+    actions = np.stack(sent)  # (3 episodes x 100 steps, A)
+    assert len(actions) == 3 * EPISODE_STEPS
+    check_uniform(actions, discrete=task.startswith("atari_"))
+
+
+def check_uniform(actions, discrete):
+    """(n, A) actions look uniform: one-hots of every index about equally often, or values spread
+    evenly over [-1, 1]."""
+    if discrete:
+        assert set(np.unique(actions)) == {0.0, 1.0} and (actions.sum(1) == 1).all()
+        counts = actions.sum(0)  # (A,)
+        expected = len(actions) / actions.shape[1]
+        assert counts.min() > 0 and ((counts - expected) ** 2 / expected).sum() < 40.8  # chi2(17) 99.9%
+    else:
+        assert np.abs(actions).max() <= 1
+        np.testing.assert_allclose(np.quantile(actions, [0.1, 0.5, 0.9]), [-0.8, 0.0, 0.8], atol=0.1)
 
 
 def test_parallel_envs_run(tmp_path):

@@ -451,6 +451,8 @@ BAD_INPUT = [
     (["--crl_tasks", "[0, 9]", "--crl_steps_per_task", "100"], "crl_tasks [9] are not defined"),
     (["--crl_tasks", "[0]", "--crl_steps_per_task", "100", "--task", "dmc_cheetah_run"], "no continual-physics env"),
     (["--eval_only", "True", "--checkpoint", "missing.pt"], "--eval_only needs --checkpoint"),
+    (["--eval_policy", "random"], "'eval_policy: random' only evaluates (it trains nothing): add --eval_only True"),
+    (["--eval_only", "True", "--eval_policy", "random", "--checkpoint", "x.pt"], "drop --checkpoint"),
 ]
 
 

@@ -1,5 +1,6 @@
 """Tests for the discrete-action pixel suites: Atari (envs/atari.py), Crafter (envs/crafter.py)
-and Memory Maze (envs/memorymaze.py), and for the agent running them end to end.
+and Memory Maze (envs/memorymaze.py), for the agent running them end to end, and for bench.py's
+``pixel update`` rows (at the debug size).
 
 Envs are built as the agent builds them (dreamer.make_env from a config of the suite's block
 plus ``debug``). Memory Maze is slow (a few seconds per maze, ~50 steps/s), so its env is
@@ -18,6 +19,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import bench  # noqa: E402
 import dreamer  # noqa: E402
 import tools  # noqa: E402
 from envs import atari, crafter, discrete, memorymaze, wrappers  # noqa: E402
@@ -340,3 +342,25 @@ def test_eval_video_keeps_the_first_frames_of_a_long_episode():
     env = wrappers.InProcess(make("atari_breakout", "--time_limit", str(4 * frames), mode="eval"))
     returns, video, _ = dreamer.evaluate(NoopAgent(), [env], 1, record_video=True)
     assert returns == [0.0] and video.shape == (dreamer.VIDEO_FRAMES, 64, 64, 3)
+
+
+# ----------------------------------------------------------------- bench.py's pixel update rows
+
+
+@pytest.mark.parametrize("block", sorted(bench.PIXEL_SPACES))
+def test_bench_pixel_update_batch_fits_the_agent_and_trains_at_debug_size(block):
+    """The batch of a ``pixel update`` row (here at the debug size, 2 x 16) has the agent's image and
+    action shapes, the suite's action count, and one update on it gives finite losses."""
+    spaces = bench.PIXEL_SPACES[block]
+    agent, batch = bench.update_setup([block, "debug"], spaces, 32, "cpu", 2, 16)
+    assert agent.wm.encoder.keys == ["image"] and batch["image"].dtype == np.uint8
+    assert batch["image"].shape == (2, 16, *spaces[0]["image"].shape) == (2, 16, 64, 64, 3)
+    assert batch["action"].shape == (2, 16, agent.action_dim)
+    suite_tasks = {suite_block: task for task, suite_block in BLOCKS.items()}
+    expected = ACTIONS[suite_tasks[block]] if block in suite_tasks else 6  # dmc_vision: walker's 6 joints
+    assert agent.action_dim == expected
+    assert agent.discrete == (block in suite_tasks)
+    if agent.discrete:
+        np.testing.assert_array_equal(batch["action"].sum(-1), 1)  # one-hot
+    metrics = agent.train_step(batch)
+    assert all(math.isfinite(float(metrics[key])) for key in ("model_loss", "actor_loss", "critic_loss"))

@@ -159,6 +159,9 @@ def test_default_logdir_names_task_blocks_llcd_and_seed():
     logdir = pathlib.Path(tools.default_logdir(config))
     assert logdir.parent.name == "logdir"
     assert logdir.name == "dmc_cartpole_balance-debug-llcdFalse-seed3"
+    baseline = tools.load_config(["--configs", "debug", "--task", "dmc_cartpole_balance", "--seed", "3",
+                                  "--eval_only", "True", "--eval_policy", "random"])
+    assert tools.default_logdir(baseline).name == "dmc_cartpole_balance-debug-llcdFalse-seed3-random"
 
 
 def test_cli_error_is_one_line_without_traceback():
