@@ -888,6 +888,7 @@ class Driver:
         self.rewards = np.zeros(len(envs), np.float32)  # each env's last reward, shown to the policy
         self.lengths = np.zeros(len(envs), dtype=np.int64)
         self.state = None
+        self.running = set()  # run_each_once: the envs whose episode has not ended
 
     def reset_envs(self, indices):
         if self.before_reset:
