@@ -425,9 +425,10 @@ def load_checkpoint(path, device):
     return torch.load(path, map_location=device, weights_only=False)
 
 
-# Settings a checkpoint is tied to: the network shapes and the data its replay and counters describe.
+# Settings a checkpoint is tied to: the network shapes, the data its replay and counters describe,
+# and the resolved precision (``auto`` differs between machines: a run keeps its numerics on resume).
 CHECKPOINT_KEYS = (
-    "task", "pixels", "size", "camera", "action_repeat", "envs", "prefill", "replay", "replay_chunk", "dataset_size",
+    "precision", "task", "pixels", "size", "camera", "action_repeat", "envs", "prefill", "replay", "replay_chunk", "dataset_size",
     "crl_tasks", "crl_steps_per_task", "dyn_hidden", "dyn_deter", "dyn_stoch", "dyn_discrete", "units", "act",
     "norm", *(f"{net}.{key}" for net in ("encoder", "decoder") for key in
               ("mlp_layers", "mlp_units", "cnn_depth", "kernel_size", "minres")),

@@ -154,6 +154,16 @@ def test_precision_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
     assert tools.load_config(["--configs", "small", "--device", "cpu"]).precision == 32  # bf16 does not pay there
 
 
+def test_resuming_on_a_machine_where_auto_resolves_otherwise_is_an_error(monkeypatch):
+    monkeypatch.setattr(tools, "cpu_has_native_bf16", lambda: False)
+    saved = tools.load_config(["--device", "cpu"]).to_dict()  # auto -> 32 where it was started
+    monkeypatch.setattr(tools, "cpu_has_native_bf16", lambda: True)
+    given = tools.load_config(["--device", "cpu"])  # auto -> bf16 here
+    with pytest.raises(tools.ConfigError, match=r"precision 32 \(saved\) vs 'bf16' \(given\)"):
+        tools.check_checkpoint_config("latest.pt", saved, given, "resume with --precision 32")
+    tools.check_checkpoint_config("latest.pt", saved, tools.load_config(["--device", "cpu", "--precision", "32"]), "")
+
+
 def test_default_logdir_names_task_blocks_llcd_and_seed():
     config = tools.load_config(["--configs", "debug", "--task", "dmc_cartpole_balance", "--seed", "3"])
     logdir = pathlib.Path(tools.default_logdir(config))
