@@ -97,11 +97,15 @@ class Dreamer(nn.Module):
         if z is not None:
             new_state.update(context=context, z=mean.float().cpu().numpy())
         if z is not None and mode == "train":  # the surprise scores feed the detector: training steps only
-            scores = self.wm.surprise(latent, data)
-            scores["openloop_nll"], openloop = self.wm.openloop_surprise(state["openloop"], latent, state["action"],
-                                                                         z, data)
-            new_state.update(openloop=openloop, surprise={name: score.cpu().numpy() for name, score in scores.items()})
+            new_state.update(self.surprise(latent, data, state, z))
         return action.cpu().numpy(), new_state
+
+    def surprise(self, latent, data, state, z):
+        """LLCD candidate scores of a training step: {openloop, surprise {name: (N,) array}}."""
+        scores = self.wm.surprise(latent, data)
+        scores["openloop_nll"], openloop = self.wm.openloop_surprise(state["openloop"], latent, state["action"],
+                                                                     z, data)
+        return {"openloop": openloop, "surprise": {name: score.cpu().numpy() for name, score in scores.items()}}
 
     def initial_state(self, batch, device):
         state = {"latent": self.wm.dynamics.initial(batch), "action": torch.zeros(batch, self.action_dim, device=device)}

@@ -53,7 +53,8 @@ class TwoHotSymlog:
 
     def cross_entropy(self, values, weights):
         """-sum_i weights[i] * log_prob(values[i]): one pass over the logits for the mix of
-        several two-hot targets (e.g. the critic's λ-return and its slow-critic target)."""
+        several two-hot targets (e.g. the critic's λ-return and its slow-critic target). The
+        targets are data: no gradient reaches ``values``."""
         index, weight = [], []
         for value, scale in zip(values, weights):
             below, above, weight_above = two_hot_indices(symlog(value.float()), self.bins)
