@@ -3,7 +3,7 @@
 Usage::
 
     python analyze_results.py RUN_DIR... [--out DIR] [--reference DIR...] [--group-by KEY ...]
-                              [--include-incomplete] [--compare A B]
+                              [--include-incomplete] [--compare A B [--compare C D ...]]
     python analyze_results.py RUN_DIR... --detectors [--out DIR]
 
 Globs are expanded here too; a directory without ``config.yaml`` stands for its sub-directories that are
@@ -32,8 +32,8 @@ configs); seeds are the repeats; a run with another schedule than its group's mo
 own group. A run that stops before its schedule ends is named in a warning and left out unless
 ``--include-incomplete``. Across seeds: mean and sample std (ddof=1); IQM with 95% stratified-bootstrap
 CIs (rliable, seeded) of final return, average performance, forgetting and forward transfer (runs x
-tasks); ``--compare A B``: the probability that group A improves on group B on each (less forgetting
-is better). Outputs in ``--out``: the tables on the console, results.csv, results_per_run.csv,
+tasks); ``--compare A B`` (repeatable): the probability that group A improves on group B on each (less
+forgetting is better). Outputs in ``--out``: the tables on the console, results.csv, results_per_run.csv,
 results_iqm.csv, results.md, compare.csv, final_results_grid_shaded.png (mean, 95% bootstrap CI band,
 task switches), curve_*.png per curve, bars_*.png per per-task metric. ``--detectors`` replays the
 recorded score streams (``llcd_scores.npz``) through every score x detector pair with each run's
@@ -405,9 +405,11 @@ def short(value) -> str:
 
 
 def group_label(config: dict, keys: tuple) -> str:
-    """Readable label of a group key, e.g. 'cartpole llcd=True replay=fifo'."""
+    """Readable label of a group key, e.g. 'cartpole llcd=True replay=fifo'; ``llcd_*`` keys are left out
+    of a run without LLCD (they do nothing there)."""
+    shown = [k for k in keys if config.get("llcd") or not k.startswith("llcd_")]
     return " ".join(str(config_value(config, k)) if k == "domain" else f"{k}={short(config_value(config, k))}"
-                    for k in keys)
+                    for k in shown)
 
 
 def group_runs(runs: list, group_by: list | None = None) -> list:
@@ -707,23 +709,25 @@ def write_outputs(groups: list, refs: list, out: str) -> tuple:
     return written + write_plots(groups, wide, out), wide
 
 
-def check_compare_labels(groups: list, labels: list) -> None:
+def check_compare_labels(groups: list, pairs: list) -> None:
     """One-line error listing the groups when a --compare label is not one of them."""
     known = [g.label for g in groups]
-    unknown = [label for label in labels if label not in known]
+    unknown = [label for pair in pairs for label in pair if label not in known]
     if unknown:
         fail(f"--compare: no group '{unknown[0]}'; groups: " + ", ".join(f"'{k}'" for k in known))
 
 
-def print_comparison(groups: list, wide: pd.DataFrame, labels: list, out: str) -> str:
-    """Print P(A improves on B) per aggregate metric and write compare.csv; returns its path."""
-    by_label = {g.label: g for g in groups}
-    table = compare_table(wide, by_label[labels[0]], by_label[labels[1]])
-    cells = [interval_cell(*row) for row in table[["probability", "ci_low", "ci_high"]].to_numpy()]
-    print(f"\nP({labels[0]} improves on {labels[1]}) [95% CI], less forgetting is better:")
-    print(table[["metric", "tasks"]].assign(probability=cells).to_string(index=False))
+def print_comparisons(groups: list, wide: pd.DataFrame, pairs: list, out: str) -> str:
+    """Print P(A improves on B) per aggregate metric for every pair (A, B); write compare.csv; returns its path."""
+    by_label, tables = {g.label: g for g in groups}, []
+    for a, b in pairs:
+        table = compare_table(wide, by_label[a], by_label[b])
+        cells = [interval_cell(*row) for row in table[["probability", "ci_low", "ci_high"]].to_numpy()]
+        print(f"\nP({a} improves on {b}) [95% CI], less forgetting is better:")
+        print(table[["metric", "tasks"]].assign(probability=cells).to_string(index=False))
+        tables.append(table.assign(group_a=a, group_b=b))
     path = os.path.join(out, "compare.csv")
-    table.assign(group_a=labels[0], group_b=labels[1]).to_csv(path, index=False, na_rep="nan")
+    pd.concat(tables, ignore_index=True).to_csv(path, index=False, na_rep="nan")
     return path
 
 
@@ -862,8 +866,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
                         help="config keys replacing the default (domain llcd replay)")
     parser.add_argument("--include-incomplete", action="store_true",
                         help="keep runs that stop before their schedule ends in the group statistics")
-    parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
-                        help="probability that group A improves on group B (group labels as printed)")
+    parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
+                        help="probability that group A improves on group B (group labels as printed); repeatable")
     parser.add_argument("--detectors", action="store_true",
                         help="replay the recorded LLCD score streams through every score x detector pair")
     return parser.parse_args(argv)
@@ -889,7 +893,7 @@ def main(argv: list | None = None) -> int:
         check_compare_labels(groups, args.compare)
     written, wide = write_outputs(groups, refs, args.out)
     if args.compare:
-        written.append(print_comparison(groups, wide, args.compare, args.out))
+        written.append(print_comparisons(groups, wide, args.compare, args.out))
     info(f"wrote {len(written)} files to {args.out}/")
     return 0
 

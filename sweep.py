@@ -6,10 +6,12 @@
 ``--grid KEY=V1,V2 ...`` spans the grid (every combination of the values);
 every other ``--key value`` (``--configs`` and ``--task`` included) is passed
 unchanged to every run. ``--file`` reads the same from YAML: ``name``,
-``configs``, ``overrides`` (key: value, fixed) and ``grid`` (key: [values]);
-the command line adds to it. A ``configs`` grid value (block names separated
-by spaces) goes before the fixed ``--configs`` blocks. Every run's arguments
-are checked with ``tools.load_config`` before Ray starts.
+``configs``, ``overrides`` (key: value, fixed) and ``grid`` (key: [values]),
+or a list of such grids, whose runs are the union of their products (arms
+that differ in which keys they set, e.g. LLCD off plus LLCD on x gate); the
+command line adds to every grid. A ``configs`` grid value (block names
+separated by spaces) goes before the fixed ``--configs`` blocks. Every run's
+arguments are checked with ``tools.load_config`` before Ray starts.
 
 Layout: ``--root`` (default ``logdir/sweep-<name>``) holds ``sweep.yaml`` (the
 manifest: the spec and every run's dreamer arguments), one logdir per grid
@@ -76,6 +78,7 @@ class Point:
     name: str
     args: list
     logdir: pathlib.Path
+    values: dict = dataclasses.field(default_factory=dict)  # its grid's keys and values
 
     @property
     def finished(self):
@@ -124,24 +127,27 @@ def read_spec_file(path):
         raise SweepError(f"cannot read sweep file '{path}': {str(error).strip().splitlines()[0]}") from None
     if not isinstance(data, dict) or set(data) - set(FILE_KEYS):
         raise SweepError(f"sweep file '{path}' must be a mapping with keys among {', '.join(FILE_KEYS)}")
-    grid, overrides = data.get("grid") or {}, data.get("overrides") or {}
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-        raise SweepError(f"'grid' in '{path}' must map each key to a non-empty list of values")
+    grids, overrides = data.get("grid") or {}, data.get("overrides") or {}
+    grids = grids if isinstance(grids, list) else [grids]
+    if not all(isinstance(grid, dict) and all(isinstance(v, list) and v for v in grid.values()) for grid in grids):
+        raise SweepError(f"'grid' in '{path}' must map each key to a non-empty list of values (or be a list of such "
+                         "grids)")
     if not isinstance(overrides, dict):
         raise SweepError(f"'overrides' in '{path}' must map keys to values")
     configs = data.get("configs") or []
     return {"name": data.get("name"), "configs": configs.split() if isinstance(configs, str) else list(configs),
             "overrides": {key: canonical(value) for key, value in overrides.items()},
-            "grid": {key: [canonical(value) for value in values] for key, values in grid.items()}}
+            "grid": [{key: [canonical(value) for value in values] for key, values in grid.items()} for grid in grids]}
 
 
 def build_spec(args, extra):
     """Merge the sweep file (if any) with the command line: name, configs, fixed overrides, grid."""
-    spec = read_spec_file(args.file) if args.file else {"name": None, "configs": [], "overrides": {}, "grid": {}}
+    spec = read_spec_file(args.file) if args.file else {"name": None, "configs": [], "overrides": {}, "grid": [{}]}
     blocks, overrides = tools.parse_args(extra)
     spec["configs"] = blocks or spec["configs"]
     spec["overrides"].update((key, canonical(raw)) for key, raw in overrides)
-    spec["grid"].update(parse_grid_item(item) for item in args.grid)
+    for grid in spec["grid"]:
+        grid.update(parse_grid_item(item) for item in args.grid)
     file_stem = pathlib.Path(args.file).stem if args.file else None
     spec["name"] = args.name or spec["name"] or file_stem or "-".join(spec["configs"]) or "defaults"
     check_keys(spec)
@@ -150,9 +156,10 @@ def build_spec(args, extra):
 
 def check_keys(spec):
     """The sweep owns --logdir, and a key is either fixed or in the grid, never both."""
-    if "logdir" in spec["overrides"] or "logdir" in spec["grid"]:
+    grid_keys = {key for grid in spec["grid"] for key in grid}
+    if "logdir" in spec["overrides"] or "logdir" in grid_keys:
         raise SweepError("the sweep sets every run's --logdir itself; choose where with --root")
-    both = sorted(set(spec["overrides"]) & set(spec["grid"]))
+    both = sorted(set(spec["overrides"]) & grid_keys)
     if both:
         raise SweepError(f"'{both[0]}' is both a fixed --{both[0]} and a grid key; keep one")
 
@@ -174,12 +181,13 @@ def point_args(spec, chosen):
 
 
 def grid_points(spec, root):
-    """One Point per combination of the grid's values, in the order the grid was given."""
+    """One Point per combination of each grid's values, grid after grid, in the order they were given."""
     points = []
-    for values in itertools.product(*spec["grid"].values()):
-        chosen = dict(zip(spec["grid"], values))
-        name = point_name(chosen)
-        points.append(Point(name, point_args(spec, chosen), root / name))
+    for grid in spec["grid"]:
+        for values in itertools.product(*grid.values()):
+            chosen = dict(zip(grid, values))
+            name = point_name(chosen)
+            points.append(Point(name, point_args(spec, chosen), root / name, chosen))
     names = [point.name for point in points]
     duplicate = next((name for name in names if names.count(name) > 1), None)
     if duplicate:
@@ -397,21 +405,32 @@ def report(failed, points):
         print(f"sweep: FAILED {name}: {error} (log: {logdirs[name] / LOG})", file=sys.stderr)
 
 
-def group_keys(spec):
-    """analyze_results.py groups: its defaults plus every grid key but the seed."""
-    keys = [*GROUP_KEYS, *(key for key in spec["grid"] if key != "seed")]
-    return list(dict.fromkeys(keys))
+def is_reference(point):
+    """A single-task reference run: a one-entry ``crl_tasks`` schedule (forward transfer's baseline)."""
+    return len(tools.load_config(point.args).crl_tasks) == 1
 
 
-def analyze(root, spec, points):
-    """analyze_results.py over the finished runs into ROOT/analysis; returns its exit code."""
-    finished = [str(point.logdir) for point in points if point.finished]
-    if not finished:
+def group_keys(runs):
+    """analyze_results.py groups: its defaults plus every grid key but the seed whose value differs among runs."""
+    keys = dict.fromkeys(key for run in runs for key in run.values if key != "seed")
+    varying = [key for key in keys if len({run.values.get(key) for run in runs}) > 1]
+    return list(dict.fromkeys([*GROUP_KEYS, *varying]))
+
+
+def analyze(root, points):
+    """analyze_results.py over the finished runs into ROOT/analysis, single-task runs as its references;
+    returns its exit code."""
+    finished = [point for point in points if point.finished]
+    refs = [point for point in finished if is_reference(point)]
+    runs = [point for point in finished if point not in refs]
+    if not runs:
         return 0
     out = root / "analysis"
-    print(f"sweep: analysing {len(finished)} finished runs -> {out}", flush=True)
-    command = [sys.executable, str(ROOT / "analyze_results.py"), *finished, "--out", str(out),
-               "--group-by", *group_keys(spec)]
+    print(f"sweep: analysing {len(runs)} finished runs ({len(refs)} references) -> {out}", flush=True)
+    command = [sys.executable, str(ROOT / "analyze_results.py"), *(str(run.logdir) for run in runs),
+               "--out", str(out), "--group-by", *group_keys(runs)]
+    if refs:
+        command += ["--reference", *(str(ref.logdir) for ref in refs)]
     return subprocess.run(command, cwd=ROOT).returncode
 
 
@@ -470,7 +489,7 @@ def main(argv=None):
         print("sweep: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     report(failed, points)
-    analysis_rc = analyze(root, spec, points) if args.analysis else 0
+    analysis_rc = analyze(root, points) if args.analysis else 0
     return 1 if failed or analysis_rc else 0
 
 

@@ -331,6 +331,12 @@ def test_single_seed_group_has_no_std(tmp_path, capsys):
     assert "llcd_misses" not in text  # llcd off and no detections logged
 
 
+def test_llcd_keys_are_left_out_of_the_label_of_a_run_without_llcd():
+    keys = ("domain", "llcd", "llcd_gate")
+    assert ar.group_label(base_config(llcd=True, llcd_gate="never"), keys) == "cartpole llcd=True llcd_gate=never"
+    assert ar.group_label(base_config(llcd=False, llcd_gate="never"), keys) == "cartpole llcd=False"
+
+
 def test_group_by_replaces_default(tmp_path, capsys):
     for seed, replay in ((1, "fifo"), (2, "reservoir")):
         write_run(tmp_path / f"r{seed}", base_config(seed=seed, replay=replay),
@@ -477,13 +483,18 @@ def test_compare_probability_of_improvement(tmp_path, capsys):
     write_offset_runs(tmp_path / "base", [0, 50])
     runs = [str(tmp_path / "good"), str(tmp_path / "base")]
     good, base = "cartpole llcd=True replay=fifo", "cartpole llcd=True replay=reservoir"
-    assert ar.main(runs + ["--out", str(tmp_path / "o"), "--compare", good, base]) == 0
-    assert f"P({good} improves on {base})" in capsys.readouterr().out
-    rows = {r["metric"]: r for r in read_rows(tmp_path / "o" / "compare.csv")}
-    # every final return / P(T) of 'good' beats every one of 'base': probability 1 in every resample
+    argv = runs + ["--out", str(tmp_path / "o"), "--compare", good, base, "--compare", base, good]
+    assert ar.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"P({good} improves on {base})" in out and f"P({base} improves on {good})" in out
+    rows = read_rows(tmp_path / "o" / "compare.csv")
+    forward = {r["metric"]: r for r in rows if r["group_a"] == good}
+    backward = {r["metric"]: r for r in rows if r["group_a"] == base}
+    # every final return / P(T) of 'good' beats every one of 'base': probability 1 (0 the other way round)
     for metric in ("final_return", "avg_performance"):
-        assert [float(rows[metric][k]) for k in ("probability", "ci_low", "ci_high")] == [1.0, 1.0, 1.0]
-    assert float(rows["forgetting"]["probability"]) == 0.5  # a constant offset forgets the same
+        assert [float(forward[metric][k]) for k in ("probability", "ci_low", "ci_high")] == [1.0, 1.0, 1.0]
+        assert [float(backward[metric][k]) for k in ("probability", "ci_low", "ci_high")] == [0.0, 0.0, 0.0]
+    assert float(forward["forgetting"]["probability"]) == 0.5  # a constant offset forgets the same
     groups = ar.group_runs(ar.load_runs(ar.expand_paths(runs)))
     equal = ar.compare_table(ar.run_tables(groups, [])[0], groups[1], groups[1])
     assert list(equal["probability"]) == [0.5] * 3  # final return, P(T), forgetting (no forward transfer)

@@ -14,6 +14,7 @@ import logging
 import os
 import pathlib
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -55,7 +56,7 @@ def test_cli_grid_expands_in_order_with_fixed_overrides(tmp_path):
     assert spec["name"] == "debug"
     assert spec["configs"] == ["debug"]
     assert spec["overrides"] == {"task": "dmc_cartpole_balance", "train_ratio": "16", "device": "cpu"}
-    assert spec["grid"] == {"replay": ["fifo", "reservoir"], "seed": ["0", "1"]}
+    assert spec["grid"] == [{"replay": ["fifo", "reservoir"], "seed": ["0", "1"]}]
     points = sweep.grid_points(spec, tmp_path)
     assert [p.name for p in points] == NAMES
     assert points[1].args == BASE + ["--replay", "fifo", "--seed", "1"]
@@ -65,7 +66,7 @@ def test_cli_grid_expands_in_order_with_fixed_overrides(tmp_path):
 def test_grid_values_are_canonical_and_lists_keep_their_commas(tmp_path):
     assert sweep.split_values("[0,1],[2, 3],4") == ["[0,1]", "[2, 3]", "4"]
     spec = spec_of(BASE + ["--grid", "deterministic_run=true,False", "--grid", "crl_tasks=[0,1],[1, 0]"])
-    assert spec["grid"] == {"deterministic_run": ["True", "False"], "crl_tasks": ["[0, 1]", "[1, 0]"]}
+    assert spec["grid"] == [{"deterministic_run": ["True", "False"], "crl_tasks": ["[0, 1]", "[1, 0]"]}]
     names = [p.name for p in sweep.grid_points(spec, tmp_path)]
     assert names[0] == "deterministic_runTrue-crl_tasks_0_1_"
     assert len(set(names)) == 4
@@ -86,9 +87,60 @@ def test_yaml_file_merges_with_the_command_line(tmp_path):
     assert spec["name"] == "crl"
     assert spec["configs"] == ["debug"]
     assert spec["overrides"] == {"task": "dmc_cartpole_balance", "train_ratio": "16", "device": "cpu"}
-    assert spec["grid"] == {"deterministic_run": ["True", "False"], "seed": ["5", "6"]}
+    assert spec["grid"] == [{"deterministic_run": ["True", "False"], "seed": ["5", "6"]}]
     assert spec_of(["--file", str(path), "--name", "other"])["name"] == "other"
-    assert spec_of(["--file", str(path)])["grid"]["seed"] == ["0", "1", "2"]
+    assert spec_of(["--file", str(path)])["grid"][0]["seed"] == ["0", "1", "2"]
+
+
+ARMS = """name: arms
+configs: [debug]
+overrides: {task: dmc_cartpole_balance, crl_steps_per_task: 100}
+grid:
+  - {llcd: [False]}
+  - {llcd: [True], llcd_gate: [detector, never]}
+  - {crl_tasks: [[0], [3]]}
+"""
+
+
+def test_a_list_of_grids_runs_the_union_and_the_command_line_adds_to_each(tmp_path):
+    path = tmp_path / "arms.yaml"
+    path.write_text(ARMS)
+    spec = spec_of(["--file", str(path), "--grid", "seed=0,1"])
+    points = sweep.grid_points(spec, tmp_path)
+    assert [p.name for p in points] == [
+        "llcdFalse-seed0", "llcdFalse-seed1", "llcdTrue-llcd_gatedetector-seed0", "llcdTrue-llcd_gatedetector-seed1",
+        "llcdTrue-llcd_gatenever-seed0", "llcdTrue-llcd_gatenever-seed1",
+        "crl_tasks_0_-seed0", "crl_tasks_0_-seed1", "crl_tasks_3_-seed0", "crl_tasks_3_-seed1"]
+    assert points[4].args == ["--configs", "debug", "--task", "dmc_cartpole_balance", "--crl_steps_per_task", "100",
+                              "--llcd", "True",
+                              "--llcd_gate", "never", "--seed", "0"]
+    sweep.validate_points(points)
+    assert [sweep.is_reference(p) for p in points] == [False] * 6 + [True] * 4
+    # the analysis groups by the keys that tell the continual runs apart, not by the seed or constant keys
+    assert sweep.group_keys(points[:6]) == ["domain", "llcd", "replay", "llcd_gate"]
+    assert sweep.group_keys(points[:2]) == ["domain", "llcd", "replay"]
+    path.write_text(ARMS.replace("task: dmc_cartpole_balance,", "llcd_gate: always,"))
+    with pytest.raises(sweep.SweepError, match="'llcd_gate' is both a fixed --llcd_gate and a grid key"):
+        spec_of(["--file", str(path)])
+
+
+def test_the_analysis_gets_single_task_runs_as_references(tmp_path, monkeypatch):
+    path = tmp_path / "arms.yaml"
+    path.write_text(ARMS)
+    points = sweep.grid_points(spec_of(["--file", str(path)]), tmp_path)
+    for point in points[1:]:
+        point.logdir.mkdir()
+        (point.logdir / sweep.DONE).write_text("{}")
+    commands = []
+    monkeypatch.setattr(sweep.subprocess, "run", lambda command, cwd: commands.append(command) or
+                        subprocess.CompletedProcess(command, 0))
+    assert sweep.analyze(tmp_path, points) == 0
+    command = commands[0]
+    runs = command[2:command.index("--out")]
+    assert runs == [str(tmp_path / "llcdTrue-llcd_gatedetector"), str(tmp_path / "llcdTrue-llcd_gatenever")]
+    assert command[command.index("--group-by") + 1:command.index("--reference")] == [
+        "domain", "llcd", "replay", "llcd_gate"]
+    assert command[command.index("--reference") + 1:] == [str(tmp_path / "crl_tasks_0_"), str(tmp_path / "crl_tasks_3_")]
 
 
 # ----------------------------------------------------------------- bad input stops everything
