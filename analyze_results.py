@@ -35,7 +35,8 @@ CIs (rliable, seeded) of final return, average performance, forgetting and forwa
 tasks); ``--compare A B`` (repeatable): the probability that group A improves on group B on each (less
 forgetting is better). Outputs in ``--out``: the tables on the console, results.csv, results_per_run.csv,
 results_iqm.csv, results.md, compare.csv, final_results_grid_shaded.png (mean, 95% bootstrap CI band,
-task switches), curve_*.png per curve, bars_*.png per per-task metric. ``--detectors`` replays the
+task switches), curve_*.png per curve, bars_*.png per per-task metric, iqm_intervals.png (rliable's IQM and
+CI figure). ``--detectors`` replays the
 recorded score streams (``llcd_scores.npz``) through every score x detector pair with each run's
 settings: the strict table per run and pooled (detectors.csv) and every switch (switches.csv).
 """
@@ -60,7 +61,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
-from rliable import library as rly, metrics as rly_metrics  # noqa: E402
+from rliable import library as rly, metrics as rly_metrics, plot_utils as rly_plots  # noqa: E402
 
 import detector  # noqa: E402
 from detector import detection_report, resolve_max_delay  # noqa: E402
@@ -669,8 +670,26 @@ def plot_metric_bars(wide: pd.DataFrame, groups: list, family: str, palette: dic
     plt.close(fig)
 
 
-def write_plots(groups: list, wide: pd.DataFrame, out: str) -> list:
-    """The grid of every curve, one curve PNG per panel and one bar PNG per per-task metric family."""
+def plot_intervals(iqms: pd.DataFrame, groups: list, palette: dict, path: str) -> None:
+    """rliable's interval figure: per aggregate metric, each group's IQM and 95% CI (NaN: no such metric)."""
+    families = [f for f in AGGREGATES if f in set(iqms["metric"])]
+    table = iqms.set_index(["group", "metric"])
+    labels = [g.label for g in groups]
+    points = {label: np.array([table["iqm"].get((label, f), np.nan) for f in families]) for label in labels}
+    intervals = {label: np.array([[table[c].get((label, f), np.nan) for f in families] for c in ("ci_low", "ci_high")])
+                 for label in labels}
+    row_height = 0.45  # inches per group; the x label sits 0.6 inch below the axes
+    fig, _ = rly_plots.plot_interval_estimates(points, intervals, metric_names=[f.replace("_", " ") for f in families],
+                                               algorithms=labels[::-1], xlabel="IQM [95% CI]", row_height=row_height,
+                                               xlabel_y_coordinate=-0.6 / (row_height * len(labels)),
+                                               colors={g.label: palette[g.heading] for g in groups})
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_plots(groups: list, wide: pd.DataFrame, iqms: pd.DataFrame, out: str) -> list:
+    """The grid of every curve, one curve PNG per panel, one bar PNG per per-task metric family and the IQM
+    intervals of the aggregate metrics."""
     sns.set_theme(style="ticks", rc={"axes.spines.top": False, "axes.spines.right": False})
     palette = dict(zip((g.heading for g in groups), sns.color_palette("tab10", len(groups))))
     panels = build_panels(groups)
@@ -680,7 +699,11 @@ def write_plots(groups: list, wide: pd.DataFrame, out: str) -> list:
     families = list(dict.fromkeys(c.partition("/")[0] for c in wide.columns if "/task" in c and wide[c].notna().any()))
     for family in families:
         plot_metric_bars(wide, groups, family, palette, os.path.join(out, f"bars_{family}.png"))
-    return [os.path.join(out, f"{name}.png") for name in [n for n, _ in figures] + [f"bars_{f}" for f in families]]
+    names = [n for n, _ in figures] + [f"bars_{f}" for f in families]
+    if len(iqms):
+        plot_intervals(iqms, groups, palette, os.path.join(out, "iqm_intervals.png"))
+        names.append("iqm_intervals")
+    return [os.path.join(out, f"{name}.png") for name in names]
 
 
 # ----------------------------------------------------------------- outputs
@@ -706,7 +729,7 @@ def write_outputs(groups: list, refs: list, out: str) -> tuple:
                            "mean forgetting over the tasks trained before the last window.", "", markdown_table(table),
                            "", "## IQM [95% stratified-bootstrap CI]", "", markdown_table(intervals), "",
                            "## Groups", "", *notes]) + "\n")
-    return written + write_plots(groups, wide, out), wide
+    return written + write_plots(groups, wide, iqms, out), wide
 
 
 def check_compare_labels(groups: list, pairs: list) -> None:

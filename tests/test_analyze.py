@@ -286,7 +286,7 @@ def test_output_files_written(report):
     for name in ["results.csv", "results_per_run.csv", "results.md",
                  "final_results_grid_shaded.png", "curve_eval_return_task0.png",
                  "curve_avg_performance.png", "curve_model_loss.png",
-                 "curve_llcd_detections.png", "bars_forgetting.png"]:
+                 "curve_llcd_detections.png", "bars_forgetting.png", "iqm_intervals.png"]:
         assert (out / name).stat().st_size > 0, name
     with open(out / "final_results_grid_shaded.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
