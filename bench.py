@@ -18,7 +18,8 @@ Rows:
 - ``pixel update``: the same for each of ``--pixel-sizes`` (the pixel blocks
   ``atari100k``, ``crafter``, ``memorymaze``, ``dmc_vision``, at their paper
   sizes) on 16x64 batches of 64x64x3 uint8 images with the suite's actions:
-  one-hots of 18 (Atari's full set), 17 (Crafter), 6 (Memory Maze), or 6
+  one-hots of 6 (the minimal action set of Pong, the atari100k block's task),
+  17 (Crafter), 6 (Memory Maze), or 6
   continuous (dmc_vision, walker). By default atari100k and dmc_vision (size
   S); the XL blocks (Crafter, Memory Maze) take minutes per update on a CPU and
   run only when named: ``--updates`` and ``--warmup`` bound the updates of a row
@@ -52,16 +53,27 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dreamer
 import tools
+from envs import atari
 
 OBS_DIM, ACTION_DIM = 24, 6
 # (observation space, action space) of the update rows: walker proprio, and for the pixel rows
-# 64x64 colour images with each block's actions (Atari's full action set, Crafter's, Memory
-# Maze's; dmc_vision: walker's joints).
+# 64x64 colour images with each block's actions (Atari: the action set of the atari100k block's
+# task as its env offers it, ALE's minimal set of Pong: 6; Crafter's, Memory Maze's; dmc_vision:
+# walker's joints).
 PROPRIO = (gym.spaces.Dict({"state": gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)}),
            gym.spaces.Box(-1, 1, (ACTION_DIM,), np.float32))
 IMAGE = gym.spaces.Dict({"image": gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)})
-PIXEL_SPACES = {"atari100k": (IMAGE, gym.spaces.Discrete(18)), "crafter": (IMAGE, gym.spaces.Discrete(17)),
-                "memorymaze": (IMAGE, gym.spaces.Discrete(6)), "dmc_vision": (IMAGE, PROPRIO[1])}
+
+
+def atari_actions(block):
+    """The action count of the Atari env of config ``block`` (its task and ``atari`` settings)."""
+    config = tools.load_config(["--configs", block])
+    return atari.action_count(config.task.removeprefix("atari_"), config.atari["full_action_space"])
+
+
+PIXEL_SPACES = {"atari100k": (IMAGE, gym.spaces.Discrete(atari_actions("atari100k"))),
+                "crafter": (IMAGE, gym.spaces.Discrete(17)), "memorymaze": (IMAGE, gym.spaces.Discrete(6)),
+                "dmc_vision": (IMAGE, PROPRIO[1])}
 
 
 def fake_batch(spaces, batch, length, rng):

@@ -4,11 +4,16 @@ Task ``atari_<game>`` names an ale-py ROM id: ``atari_pong``, ``atari_ms_pacman`
 ``atari_jamesbond``. One agent step repeats the action for ``action_repeat`` frames and sums
 their rewards; the image is the pixel-wise max over the step's last two frames (Atari sprites
 flicker between frames), resized bilinearly to ``size``, in colour. The settings of the
-DreamerV3 paper's Atari 100k runs (its released configuration, atari100k block): action repeat 4,
-64x64 colour, sticky actions off (``sticky`` = ALE's repeat_action_probability; 0.25 is the
-Machado et al. protocol of Atari 200M), the full 18-action space, no no-op starts, and lives
-unused: losing a life is neither an episode end nor a terminal; the game over is a real
-terminal. The 108K-frame time limit (30 minutes of play) is the agent's TimeLimit wrapper.
+``atari100k`` block follow the ``atari100k`` entry of DreamerV3's released configs.yaml (and
+the same block of the PyTorch port NM512/dreamerv3-torch): action repeat 4, 64x64 colour,
+sticky actions off, ``actions: needed`` = ALE's minimal action set of the game
+(``full_action_space=False``: 4 actions in Breakout, 6 in Pong), ``noops: 30`` = a random
+number of no-op actions, 0 to 30, after each reset (drawn from a generator seeded with
+``seed``; the observation after them is the episode's ``is_first``), and ``lives: unused``:
+losing a life is neither an episode end nor a terminal; the game over is a real terminal.
+The 108K-frame time limit (30 minutes of play) is the agent's TimeLimit wrapper. The
+Machado et al. protocol of Atari 200M: ``--atari.sticky 0.25`` (ALE's
+repeat_action_probability) and ``--atari.full_action_space True`` (all 18 actions).
 
 ``human_normalized(game, score)`` = (score - random) / (human - random) with the reference
 scores of ``REFERENCE_SCORES``.
@@ -73,10 +78,21 @@ def check_task(game, action_repeat, size):
                          f"e.g. atari_pong, atari_ms_pacman ({len(games)} games)")
 
 
-class Atari:
-    """One Atari game; ``info['lives']`` reports the lives left after each step."""
+def action_count(game, full_action_space=False):
+    """The actions of ``game`` as ``Atari`` offers them: ALE's minimal set, or its 18 legal ones."""
+    check_task(game, 4, (64, 64))
+    ale_py = discrete.require("ale_py", "ale-py", "Atari")
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # before the constructor: no banner
+    ale = ale_py.ALEInterface()
+    ale.loadROM(str(ale_py.roms.get_rom_path(game)))
+    return len(ale.getLegalActionSet() if full_action_space else ale.getMinimalActionSet())
 
-    def __init__(self, game, action_repeat=4, size=(64, 64), seed=0, sticky=0.0, full_action_space=True, noops=0):
+
+class Atari:
+    """One Atari game; ``info['lives']`` reports the lives left after each step, ``start_frame``
+    the frames played (no-ops) before the first observation of the current episode."""
+
+    def __init__(self, game, action_repeat=4, size=(64, 64), seed=0, sticky=0.0, full_action_space=False, noops=30):
         check_task(game, action_repeat, size)
         ale_py = discrete.require("ale_py", "ale-py", "Atari")
         self._ale = ale_py.ALEInterface()
@@ -88,6 +104,7 @@ class Atari:
         self._noop = ale_py.Action.NOOP
         self._repeat, self._size, self._noops = action_repeat, tuple(size), noops
         self._rng = np.random.default_rng(seed)  # the number of no-ops at each start
+        self.start_frame = 0
         height, width = self._ale.getScreenDims()
         self._frames = np.zeros((2, height, width, 3), np.uint8)  # the last two frames, newest last
 
@@ -105,6 +122,7 @@ class Atari:
             self._ale.act(self._noop)
             if self._ale.game_over():
                 self._ale.reset_game()
+        self.start_frame = self._ale.getEpisodeFrameNumber()
         self._grab_frame()
         self._grab_frame()  # both frames of the pool are the first screen
         return discrete.observation(self._image(), is_first=True)

@@ -25,8 +25,24 @@ import tools  # noqa: E402
 from envs import atari, crafter, discrete, memorymaze, wrappers  # noqa: E402
 from runs import read_rows, replay_steps, run_main  # noqa: E402
 
+
+def ale_for(game, seed=0):
+    """ale-py run directly: ``game``'s ROM, ``seed``, no sticky actions."""
+    import ale_py
+
+    ale = ale_py.ALEInterface()
+    ale.setLoggerMode(ale_py.LoggerMode.Error)
+    ale.setInt("random_seed", seed)
+    ale.setFloat("repeat_action_probability", 0.0)
+    ale.loadROM(str(ale_py.roms.get_rom_path(game)))
+    return ale
+
+
 BLOCKS = {"atari_breakout": "atari100k", "crafter_reward": "crafter", "memorymaze_9x9": "memorymaze"}
-ACTIONS = {"atari_breakout": 18, "crafter_reward": 17, "memorymaze_9x9": 6}
+# Atari: ALE's minimal action set of the game (the atari100k block's `actions: needed`), as
+# ale-py gives it; atari_pong is the atari100k block's task, whose actions bench.py uses.
+ACTIONS = {"atari_breakout": len(ale_for("breakout").getMinimalActionSet()),
+           "atari_pong": len(ale_for("pong").getMinimalActionSet()), "crafter_reward": 17, "memorymaze_9x9": 6}
 
 
 def config_for(task, *extra):
@@ -43,12 +59,13 @@ def one_hot(index, count):
 
 
 def run_episode(env, actions, limit):
-    """Step ``env`` from a reset with one-hot ``actions(t)`` until done or ``limit`` steps;
+    """Step ``env`` from a reset with one-hot ``actions(t, count)`` (``count``: the env's number of
+    actions) until done or ``limit`` steps;
     returns the observations, rewards and infos of the steps (the reset's observation first)."""
     observations, rewards, infos = [env.reset()], [], []
     count = env.action_space.n
     for t in range(limit):
-        obs, reward, done, info = env.step(one_hot(actions(t), count))
+        obs, reward, done, info = env.step(one_hot(actions(t, count), count))
         observations.append(obs)
         rewards.append(reward)
         infos.append(info)
@@ -57,9 +74,9 @@ def run_episode(env, actions, limit):
     return observations, rewards, infos
 
 
-def random_actions(seed, count):
+def random_actions(seed):
     rng = np.random.default_rng(seed)
-    return lambda t: int(rng.integers(count))
+    return lambda t, count: int(rng.integers(count))
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +128,7 @@ def test_atari_life_loss_goes_on_and_game_over_is_a_real_terminal():
     """Breakout under random actions: 5 lives, each lost without ending the episode (lives
     unused, as DreamerV3's Atari 100k runs); the game over is is_last and is_terminal."""
     env = make("atari_breakout", "--time_limit", "100000")
-    observations, _, infos = run_episode(env, random_actions(0, 18), 5000)
+    observations, _, infos = run_episode(env, random_actions(0), 5000)
     lives = [info["lives"] for info in infos]
     assert lives[-1] == 0 and max(lives) == 5
     losses = [t for t in range(1, len(lives)) if lives[t] < lives[t - 1]]
@@ -124,33 +141,63 @@ def test_atari_life_loss_goes_on_and_game_over_is_a_real_terminal():
     assert not any(obs["is_last"] for obs in observations[:-1])
 
 
-def test_atari_image_is_the_max_of_the_last_two_frames_in_colour_with_the_full_action_set():
-    """The env's images against ALE run directly: same seed, no sticky actions, the 18 legal
-    actions, each repeated 4 frames, the max of frames 3 and 4 resized bilinearly to 64x64."""
-    import ale_py
+def test_atari_image_is_the_max_of_the_last_two_frames_in_colour_with_the_minimal_action_set():
+    """The env's images against ALE run directly: same seed, no sticky actions, as many no-ops
+    after the reset as the env played, then ALE's minimal action set (Breakout: NOOP, FIRE, RIGHT,
+    LEFT), each action repeated 4 frames, the max of frames 3 and 4 resized bilinearly to 64x64."""
     from PIL import Image
 
+    def resized(frame):
+        return np.asarray(Image.fromarray(frame).resize((64, 64), Image.BILINEAR))
+
     env = atari.Atari("breakout", action_repeat=4, seed=7)
-    ale = ale_py.ALEInterface()
-    ale.setInt("random_seed", 7)
-    ale.setFloat("repeat_action_probability", 0.0)
-    ale.loadROM(str(ale_py.roms.get_rom_path("breakout")))
-    legal = ale.getLegalActionSet()
-    env.reset()
-    for index in [1, 3, 3, 4, 1, 11, 12, 0] * 3:
-        obs = env.step(one_hot(index, 18))[0]
+    ale = ale_for("breakout", seed=7)
+    minimal = ale.getMinimalActionSet()
+    assert env.action_space.n == len(minimal) < len(ale.getLegalActionSet())
+    first = env.reset()
+    assert 0 < env.start_frame <= 30  # seed 7 draws a no-op start
+    ale.reset_game()
+    for _ in range(env.start_frame):
+        ale.act(minimal[0])  # NOOP
+    np.testing.assert_array_equal(first["image"], resized(ale.getScreenRGB()))
+    for index in [1, 2, 2, 3, 1, 0, 3, 2] * 3:
+        obs = env.step(one_hot(index, len(minimal)))[0]
         frames = []
         for _ in range(4):
-            ale.act(legal[index])
+            ale.act(minimal[index])
             frames.append(ale.getScreenRGB())
-        pooled = Image.fromarray(np.maximum(frames[2], frames[3])).resize((64, 64), Image.BILINEAR)
-        np.testing.assert_array_equal(obs["image"], np.asarray(pooled))
+        np.testing.assert_array_equal(obs["image"], resized(np.maximum(frames[2], frames[3])))
+
+
+def test_atari100k_block_has_the_minimal_action_set_and_up_to_30_no_ops_at_each_reset():
+    """The env of the atari100k block (dreamer.atari_env, as the agent builds it): Breakout's
+    minimal action set, not all 18 actions; each reset plays a random 0-30 no-ops (ALE's episode
+    frame count at the first observation), drawn anew at each reset and different per seed."""
+    config = config_for("atari_breakout")
+    starts = {}  # seed -> the frame of the first observation of each of 10 resets
+    for seed in range(4):
+        env = dreamer.atari_env(config, "breakout", seed)
+        assert env.action_space.n == ACTIONS["atari_breakout"] < 18
+        starts[seed] = []
+        for _ in range(10):
+            assert env.reset()["is_first"]
+            starts[seed].append(env.start_frame)
+    every = sum(starts.values(), [])
+    assert min(every) >= 0 and max(every) <= 30
+    assert len(set(every)) >= 10 and max(every) >= 20  # spread over 0-30
+    assert len({tuple(values) for values in starts.values()}) == 4
+    again = dreamer.atari_env(config, "breakout", 2)
+    replayed = []
+    for _ in range(10):
+        again.reset()
+        replayed.append(again.start_frame)
+    assert replayed == starts[2]  # the seed fixes them
 
 
 def test_crafter_death_is_a_real_terminal():
     """Random actions (seed 0) kill the player before Crafter's 10,000-step limit."""
     env = make("crafter_reward", "--time_limit", "10000")
-    observations, _, infos = run_episode(env, random_actions(0, 17), 10000)
+    observations, _, infos = run_episode(env, random_actions(0), 10000)
     assert len(infos) < 10000
     assert observations[-1]["is_last"] and observations[-1]["is_terminal"] and infos[-1]["discount"] == 0.0
     assert not any(obs["is_last"] or obs["is_terminal"] for obs in observations[:-1])
@@ -158,7 +205,7 @@ def test_crafter_death_is_a_real_terminal():
 
 def test_crafter_achievements_are_logged_as_unlocked_this_episode():
     env = crafter.Crafter(seed=0)
-    observations, rewards, _ = run_episode(env, random_actions(1, 17), 300)
+    observations, rewards, _ = run_episode(env, random_actions(1), 300)
     keys = [crafter.LOG_PREFIX + name for name in crafter.achievements()]
     assert len(keys) == 22 and all(observations[0][key] == 0 for key in keys)
     unlocked = np.array([[obs[key] for key in keys] for obs in observations])  # (T + 1, 22)
@@ -174,7 +221,7 @@ def test_crafter_achievements_are_logged_as_unlocked_this_episode():
 @pytest.mark.parametrize("task", ["atari_breakout", "crafter_reward"])
 def test_time_limit_is_last_but_not_terminal(task):
     env = make(task, "--time_limit", "120")
-    observations, _, infos = run_episode(env, lambda t: 0, 1000)
+    observations, _, infos = run_episode(env, lambda t, count: 0, 1000)
     assert len(infos) == 120 // config_for(task).action_repeat
     assert observations[-1]["is_last"] and not observations[-1]["is_terminal"] and infos[-1]["discount"] == 1.0
 
@@ -182,7 +229,7 @@ def test_time_limit_is_last_but_not_terminal(task):
 def test_memory_maze_time_limit_is_last_but_not_terminal(maze):
     """The 9x9 maze's own limit: 1000 steps (250 s at 4 Hz); the block adds no TimeLimit."""
     env, _ = maze
-    observations, _, infos = run_episode(env, lambda t: 1 + t % 5, 1200)
+    observations, _, infos = run_episode(env, lambda t, count: 1 + t % 5, 1200)
     assert len(infos) == 1000
     assert observations[-1]["is_last"] and not observations[-1]["is_terminal"] and infos[-1]["discount"] == 1.0
     assert not any(obs["is_last"] or obs["is_terminal"] for obs in observations[:-1])
@@ -203,7 +250,7 @@ def images(env, steps, actions):
 def test_same_seed_same_observations_other_seed_others(build):
     """Atari with sticky actions and no-op starts (both random); Crafter's world generation and
     creature balancing (upstream, which creature despawns depends on memory addresses)."""
-    first, *again, other = (images(build(seed=seed), 250, random_actions(5, 17)) for seed in (1, 1, 1, 1, 2))
+    first, *again, other = (images(build(seed=seed), 250, random_actions(5)) for seed in (1, 1, 1, 1, 2))
     for same in again:
         np.testing.assert_array_equal(first, same)
     assert not np.array_equal(first[:60], other[:60])
@@ -211,7 +258,7 @@ def test_same_seed_same_observations_other_seed_others(build):
 
 def test_memory_maze_same_seed_same_maze_other_seed_another(maze):
     _, other_first = maze  # seed 4
-    first, again = (images(memorymaze.MemoryMaze("9x9", seed=3), 10, lambda t: 1 + t % 5) for _ in range(2))
+    first, again = (images(memorymaze.MemoryMaze("9x9", seed=3), 10, lambda t, count: 1 + t % 5) for _ in range(2))
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first[0], other_first["image"])
 
@@ -325,10 +372,14 @@ def test_discrete_helpers_reject_out_of_range_indices():
 
 
 class NoopAgent:
-    """Stands in for the agent in dreamer.evaluate: always Atari's NOOP (Breakout never serves)."""
+    """Stands in for the agent in dreamer.evaluate: always Atari's NOOP, action 0 of ``count``
+    (Breakout never serves)."""
+
+    def __init__(self, count):
+        self.count = count
 
     def policy(self, obs, state, mode):
-        return np.tile(one_hot(0, 18), (len(obs["is_first"]), 1)), {}
+        return np.tile(one_hot(0, self.count), (len(obs["is_first"]), 1)), {}
 
     def eval(self):
         pass
@@ -340,7 +391,7 @@ class NoopAgent:
 def test_eval_video_keeps_the_first_frames_of_a_long_episode():
     frames = dreamer.VIDEO_FRAMES + 100
     env = wrappers.InProcess(make("atari_breakout", "--time_limit", str(4 * frames), mode="eval"))
-    returns, video, _ = dreamer.evaluate(NoopAgent(), [env], 1, record_video=True)
+    returns, video, _ = dreamer.evaluate(NoopAgent(env.action_space.n), [env], 1, record_video=True)
     assert returns == [0.0] and video.shape == (dreamer.VIDEO_FRAMES, 64, 64, 3)
 
 
@@ -357,6 +408,7 @@ def test_bench_pixel_update_batch_fits_the_agent_and_trains_at_debug_size(block)
     assert batch["image"].shape == (2, 16, *spaces[0]["image"].shape) == (2, 16, 64, 64, 3)
     assert batch["action"].shape == (2, 16, agent.action_dim)
     suite_tasks = {suite_block: task for task, suite_block in BLOCKS.items()}
+    suite_tasks["atari100k"] = tools.load_config(["--configs", "atari100k"]).task  # atari_pong, its block's task
     expected = ACTIONS[suite_tasks[block]] if block in suite_tasks else 6  # dmc_vision: walker's 6 joints
     assert agent.action_dim == expected
     assert agent.discrete == (block in suite_tasks)
