@@ -384,7 +384,7 @@ def launch(points, total, args):
     """Run ``points`` as Ray tasks (starting local Ray unless one is up); returns {run name: error line}."""
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=args.address, num_cpus=args.num_cpus, logging_level=logging.WARNING)
+        ray.init(address=args.address or "local", num_cpus=args.num_cpus, logging_level=logging.WARNING)
     try:
         slots = concurrent_slots(args, len(points))
         print(f"sweep: {slots} run(s) at a time, {args.cpus_per_run:g} CPU(s) and {args.gpus_per_run:g} GPU(s) each",

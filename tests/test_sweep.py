@@ -202,12 +202,29 @@ def test_a_logdir_being_trained_is_not_trained_twice(tmp_path):
     assert not (logdir / sweep.LOG).exists()
 
 
+def test_without_address_the_sweep_starts_its_own_ray_even_beside_a_running_cluster(monkeypatch):
+    calls = []
+
+    def fake_init(**kwargs):
+        calls.append(kwargs)
+        raise KeyboardInterrupt  # stop before any run starts
+
+    monkeypatch.setattr(sweep.ray, "init", fake_init)
+    args, _ = sweep.parse_cli(["--num-cpus", "2"])
+    with pytest.raises(KeyboardInterrupt):
+        sweep.launch([], 0, args)
+    args, _ = sweep.parse_cli(["--address", "auto"])
+    with pytest.raises(KeyboardInterrupt):
+        sweep.launch([], 0, args)
+    assert [(c["address"], c["num_cpus"]) for c in calls] == [("local", 2), ("auto", None)]
+
+
 # ----------------------------------------------------------------- real sweeps on local Ray
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, logging_level=logging.WARNING)  # never a cluster already running here
     yield
     ray.shutdown()
 
