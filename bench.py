@@ -3,6 +3,7 @@
     python bench.py                                  # dmc_proprio, small, atari100k, dmc_vision; fp32, bf16; CPU (+ GPU)
     python bench.py --sizes small --precisions 32 --updates 5
     python bench.py --compile                        # also time updates with compile: True
+    python bench.py --sizes small --padding --skip act env pixel-update   # what the 256-output heads buy here
     python bench.py --default-malloc                 # without keeping freed memory (see below)
     python bench.py --skip update act --envs 2       # env steps/s of every suite only
     python bench.py --skip update act env --pixel-sizes atari100k --updates 1   # one pixel block's update
@@ -24,6 +25,10 @@ Rows:
   S); the XL blocks (Crafter, Memory Maze) take minutes per update on a CPU and
   run only when named: ``--updates`` and ``--warmup`` bound the updates of a row
   (one more counts its FLOPs), and each row prints when it is done.
+- ``update 255 out`` / ``update 256 out`` (``--padding``): the update with the two-hot heads'
+  output layers unpadded and padded to 256 outputs (the default, ``networks.padded_linear``),
+  alternating update by update on one agent; the padding pays where a 255-wide matmul is
+  slower than a 256-wide one (AVX2 CPUs), so this shows what it buys on this machine.
 - ``act``: latency of one policy step (encoder, posterior step, actor) for
   one env, median over ``--act-steps`` steps; with and without LLCD (which
   adds the context step and the surprise score).
@@ -52,6 +57,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dreamer
+import networks
 import tools
 from envs import atari
 
@@ -172,6 +178,31 @@ def bench_update(size, precision, device, compiled, args, spaces=PROPRIO, label=
             f"{flops / seconds:>8.1f} {peak:>8.1f} {100 * flops / seconds / peak:>6.1f}%")
 
 
+def bench_padding(size, precision, device, args):
+    """Rows ``update 255 out`` / ``update 256 out``: one agent's update with the two-hot heads'
+    output layers as they are (255 bins) and padded to 256 (``networks.padded_linear``, the
+    default), alternating update by update (order swapped each round) so that both see the same
+    machine state; medians of ``--updates`` each after ``--warmup``, and their ratio."""
+    agent, batch = update_setup([size], PROPRIO, precision, device, args.batch, args.length)
+    padded = networks.padded_linear
+    variants = {"255 out": lambda x, layer: layer(x), "256 out": padded}
+    times = {name: [] for name in variants}
+    try:
+        for index in range(args.warmup + args.updates):
+            for name in sorted(variants, reverse=bool(index % 2)):
+                networks.padded_linear = variants[name]
+                seconds = timed(lambda: agent.train_step(batch), device)
+                if index >= args.warmup:
+                    times[name].append(seconds)
+    finally:
+        networks.padded_linear = padded
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    ratio = medians["255 out"] / medians["256 out"]
+    return [f"{'update ' + name:<17} {size:<12} {device:<5} {str(precision):<5} {'':>8} {seconds:>8.3f}"
+            + (f"   time 255 out / 256 out: {ratio:.3f}" if name == "256 out" else "")
+            for name, seconds in medians.items()]
+
+
 def bench_act(size, precision, device, llcd, args):
     agent, config = build_agent([size], precision, device, extra=["--llcd", str(llcd)])
     rng = np.random.default_rng(0)
@@ -249,6 +280,8 @@ def main():
                         help="blocks timed on 64x64 pixel batches with their suite's actions (crafter and "
                              "memorymaze, size XL, take minutes per update on a CPU: name them to time them)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["update", "pixel-update", "act", "env"])
+    parser.add_argument("--padding", action="store_true",
+                        help="also time the update with the two-hot heads' 255 outputs unpadded vs padded to 256")
     parser.add_argument("--all", action="store_true", help="also run bf16 on CPUs without native bf16")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc malloc as is (dreamer.py keeps freed memory on CPU)")
@@ -266,6 +299,8 @@ def main():
                     continue
                 if "update" not in args.skip:
                     print_updates(size, precision, device, args)
+                if args.padding:
+                    print("\n".join(bench_padding(size, precision, device, args)), flush=True)
                 if "act" not in args.skip:
                     for llcd in (False, True):
                         print(bench_act(size, precision, device, llcd, args), flush=True)

@@ -36,14 +36,19 @@ class TwoHotSymlog:
     elementwise passes over the logits dominate an update on CPU, so the mean and the
     cross-entropy have hand-written backward passes (``SoftmaxMean``, ``TwoHotCrossEntropy``):
     the same gradients as autograd's, without materialising the outer-product and
-    scatter/zero-fill tensors it would build."""
+    scatter/zero-fill tensors it would build.
+
+    ``logits`` may have padding columns after the K real ones, each -inf (probability 0):
+    ``padded_linear`` gives the 255-bin heads 256 outputs, which a CPU matmul runs ~2x faster."""
 
     def __init__(self, logits, bins):
-        self.logits = logits.float()  # (..., K)
+        self.logits = logits.float()  # (..., K + padding)
         self.bins = bins  # (K,) in symlog space
 
     def mode(self):
-        return symexp(SoftmaxMean.apply(self.logits, self.bins))  # (...)
+        padding = self.logits.shape[-1] - len(self.bins)
+        bins = F.pad(self.bins, (0, padding))  # the padding columns' probability is 0
+        return symexp(SoftmaxMean.apply(self.logits, bins))  # (...)
 
     mean = mode
 
@@ -289,9 +294,9 @@ class MLP(nn.Module):
         x = self.body(x)
         if self.head is None:
             return x
-        x = self.head(x)
         if self.dist_name == "symlog_disc":
-            return TwoHotSymlog(x, self.bins)
+            return TwoHotSymlog(padded_linear(x, self.head), self.bins)
+        x = self.head(x)
         if self.dist_name == "symlog_mse":
             return SymlogMSE(x)
         if self.dist_name == "binary":
@@ -302,6 +307,17 @@ class MLP(nn.Module):
         if self.dist_name == "onehot":
             return OneHotCategorical(x, self.unimix)
         return x
+
+
+def padded_linear(x, layer, multiple=16):
+    """``layer(x)`` (..., K) followed by -inf columns up to a multiple of ``multiple``
+    (255 -> 256): a matmul with 255 outputs runs at about half the speed of one with 256 on
+    an AVX2 CPU (16384x64 @ 64x255: 19.5 ms vs 9.0 ms, one core). The extra outputs have zero
+    weights and a -inf bias, so softmax gives them probability 0 and gradient 0."""
+    padding = -layer.out_features % multiple
+    weight = F.pad(layer.weight, (0, 0, 0, padding))  # (K + padding, U), zero rows
+    bias = F.pad(layer.bias, (0, padding), value=float("-inf"))  # (K + padding,)
+    return F.linear(x, weight, bias)  # (..., K + padding)
 
 
 def fan_avg(weight):

@@ -407,7 +407,7 @@ def test_mlp_output_heads_and_zero_init():
     mlp = networks.MLP(6, 1, 2, 16, dist="symlog_disc", outscale=0.0)
     out = mlp(torch.randn(4, 6))
     assert isinstance(out, networks.TwoHotSymlog)
-    assert out.logits.shape == (4, 255)
+    assert out.logits.shape == (4, 256)  # 255 bins and one padding column (padded_linear)
     # zero-initialised output layer: uniform over symmetric bins -> prediction 0
     assert torch.allclose(out.mode(), torch.zeros(4), atol=1e-5)
     normal = networks.MLP(6, 3, 1, 16, dist="normal")(torch.randn(5, 6))
@@ -415,3 +415,24 @@ def test_mlp_output_heads_and_zero_init():
     feats = networks.MLP(6, None, 2, 16)(torch.randn(5, 6))
     assert feats.shape == (5, 16)
     assert np.isfinite(feats.detach().numpy()).all()
+
+
+def test_padded_two_hot_head_gives_the_values_and_gradients_of_the_plain_255_outputs():
+    """padded_linear adds a -inf column: mode, log-likelihood and every gradient must be those of
+    the plain 255 logits (a wrong padding weight, bias or bin would change them)."""
+    torch.manual_seed(5)
+    mlp = networks.MLP(6, 1, 1, 16, dist="symlog_disc", outscale=1.0)
+    torch.nn.init.normal_(mlp.head.bias)
+    x = torch.randn(7, 6)
+    values = torch.randn(7) * 30
+
+    def outputs(dist):
+        loss = (dist.mode() * torch.arange(7.0)).sum() - dist.log_prob(values).sum()
+        grads = torch.autograd.grad(loss, [mlp.head.weight, mlp.head.bias, *mlp.body.parameters()])
+        return [dist.mode().detach(), dist.log_prob(values).detach(), *grads]
+
+    padded = mlp(x)
+    assert padded.logits.shape[-1] == 256 and torch.isneginf(padded.logits[:, 255]).all()
+    plain = networks.TwoHotSymlog(mlp.head(mlp.body(x)), mlp.bins)
+    for got, expected in zip(outputs(padded), outputs(plain)):
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)

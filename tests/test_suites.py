@@ -11,6 +11,7 @@ import functools
 import math
 import os
 import sys
+import types
 
 import gymnasium as gym
 import numpy as np
@@ -21,6 +22,7 @@ sys.path.insert(0, ROOT)
 
 import bench  # noqa: E402
 import dreamer  # noqa: E402
+import networks  # noqa: E402
 import tools  # noqa: E402
 from envs import atari, crafter, discrete, memorymaze, wrappers  # noqa: E402
 from runs import read_rows, replay_steps, run_main  # noqa: E402
@@ -416,3 +418,22 @@ def test_bench_pixel_update_batch_fits_the_agent_and_trains_at_debug_size(block)
         np.testing.assert_array_equal(batch["action"].sum(-1), 1)  # one-hot
     metrics = agent.train_step(batch)
     assert all(math.isfinite(float(metrics[key])) for key in ("model_loss", "actor_loss", "critic_loss"))
+
+
+def test_bench_padding_rows_time_both_head_widths_and_restore_the_padded_heads(monkeypatch):
+    """``bench.py --padding`` alternates updates with 255- and 256-wide two-hot logits and leaves
+    the padded heads installed afterwards."""
+    widths = []
+    init = networks.TwoHotSymlog.__init__
+
+    def spy(self, logits, bins):
+        widths.append(logits.shape[-1])
+        init(self, logits, bins)
+
+    monkeypatch.setattr(networks.TwoHotSymlog, "__init__", spy)
+    padded = networks.padded_linear
+    args = types.SimpleNamespace(batch=2, length=8, warmup=1, updates=2)
+    rows = bench.bench_padding("debug", 32, "cpu", args)
+    assert [row.split()[:3] for row in rows] == [["update", "255", "out"], ["update", "256", "out"]]
+    assert set(widths) == {255, 256} and widths.count(255) == widths.count(256)
+    assert networks.padded_linear is padded
