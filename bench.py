@@ -4,6 +4,7 @@
     python bench.py --sizes small --precisions 32 --updates 5
     python bench.py --compile                        # also time updates with compile: True
     python bench.py --sizes small --padding --skip act env pixel-update   # what the 256-output heads buy here
+    python bench.py --sizes small --floor --skip act env pixel-update     # what bounds the update from below
     python bench.py --default-malloc                 # without keeping freed memory (see below)
     python bench.py --skip update act --envs 2       # env steps/s of every suite only
     python bench.py --skip update act env --pixel-sizes atari100k --updates 1   # one pixel block's update
@@ -29,6 +30,14 @@ Rows:
   output layers unpadded and padded to 256 outputs (the default, ``networks.padded_linear``),
   alternating update by update on one agent; the padding pays where a 255-wide matmul is
   slower than a 256-wide one (AVX2 CPUs), so this shows what it buys on this machine.
+- ``matmuls alone`` / ``floor`` (``--floor``): the update's matmuls (mm, addmm, bmm,
+  baddbmm: the ops FlopCounterMode counts here) recorded during one update and replayed alone
+  at the same shapes, strides and dtypes, alternating with whole updates (medians of
+  ``--updates`` each): what the update would take if everything else were free. ``floor``
+  adds two lower bounds: the matmul FLOPs at the measured ``peak``, and the update's
+  exp-type elements (exp, softmax, logsumexp, SiLU and its backward, sigmoid, tanh, log) at
+  the per-element time of ``torch.exp`` on 4M elements, measured now. An update cannot be
+  made faster than that floor without changing its math.
 - ``act``: latency of one policy step (encoder, posterior step, actor) for
   one env, median over ``--act-steps`` steps; with and without LLCD (which
   adds the context step and the surprise score).
@@ -54,6 +63,7 @@ import time
 import gymnasium as gym
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import dreamer
@@ -146,6 +156,18 @@ def median_seconds(step, device, repeats, warmup):
     return statistics.median(timed(step, device) for _ in range(repeats))
 
 
+def alternating_medians(steps, device, args):
+    """Median seconds of each of ``steps`` {name: step()}, timed in turn (the order swapped each
+    round) so that all see the same machine state: ``--updates`` rounds after ``--warmup``."""
+    times = {name: [] for name in steps}
+    for index in range(args.warmup + args.updates):
+        for name in sorted(steps, reverse=bool(index % 2)):
+            seconds = timed(steps[name], device)
+            if index >= args.warmup:
+                times[name].append(seconds)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def update_flops(agent, batch):
     counter = FlopCounterMode(display=False)
     with counter:
@@ -185,22 +207,93 @@ def bench_padding(size, precision, device, args):
     machine state; medians of ``--updates`` each after ``--warmup``, and their ratio."""
     agent, batch = update_setup([size], PROPRIO, precision, device, args.batch, args.length)
     padded = networks.padded_linear
-    variants = {"255 out": lambda x, layer: layer(x), "256 out": padded}
-    times = {name: [] for name in variants}
+
+    def update_with(heads):
+        def step():
+            networks.padded_linear = heads
+            agent.train_step(batch)
+        return step
+
     try:
-        for index in range(args.warmup + args.updates):
-            for name in sorted(variants, reverse=bool(index % 2)):
-                networks.padded_linear = variants[name]
-                seconds = timed(lambda: agent.train_step(batch), device)
-                if index >= args.warmup:
-                    times[name].append(seconds)
+        medians = alternating_medians({"255 out": update_with(lambda x, layer: layer(x)),
+                                       "256 out": update_with(padded)}, device, args)
     finally:
         networks.padded_linear = padded
-    medians = {name: statistics.median(values) for name, values in times.items()}
     ratio = medians["255 out"] / medians["256 out"]
     return [f"{'update ' + name:<17} {size:<12} {device:<5} {str(precision):<5} {'':>8} {seconds:>8.3f}"
             + (f"   time 255 out / 256 out: {ratio:.3f}" if name == "256 out" else "")
             for name, seconds in medians.items()]
+
+
+aten = torch.ops.aten
+MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+EXP_TYPE = {aten.exp.default, aten.exp_.default, aten._softmax.default, aten._log_softmax.default,
+            aten.logsumexp.default, aten.silu.default, aten.silu_backward.default, aten.sigmoid.default,
+            aten.tanh.default, aten.log.default, aten.log1p.default, aten.expm1.default}
+
+
+class UpdateOps(TorchDispatchMode):
+    """Records the matmuls that run under it (op, argument layouts, keywords) and counts the
+    input elements of its exp-type ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.matmuls, self.exp_elements = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in MATMULS:
+            self.matmuls.append((func, [(a.shape, a.stride(), a.dtype, a.device) for a in args], kwargs))
+        elif func in EXP_TYPE:
+            self.exp_elements += args[0].numel()
+        return func(*args, **kwargs)
+
+
+def matmul_flops(layouts):
+    """FLOPs of one recorded matmul: 2 * (batch) * m * k * n of its last two operands."""
+    (*batch, m, k), n = layouts[-2][0], layouts[-1][0][-1]
+    return 2 * int(np.prod(batch, dtype=np.int64)) * m * k * n
+
+
+def random_like_layout(shape, stride, dtype, device):
+    """A random tensor of this shape and stride (a 0 stride: an expanded operand)."""
+    extent = 1 + sum((size - 1) * step for size, step in zip(shape, stride))
+    return torch.randn(extent, device=device).to(dtype).as_strided(shape, stride)
+
+
+def replay(matmuls):
+    """A step that runs the recorded matmuls again on fresh random tensors of their layouts."""
+    calls = [(func, [random_like_layout(*layout) for layout in layouts], kwargs) for func, layouts, kwargs in matmuls]
+    return lambda: [func(*tensors, **kwargs) for func, tensors, kwargs in calls]
+
+
+def exp_seconds_per_element(device):
+    """Best time per element of an in-place ``exp_`` over 4M fp32 values in [-5, 5]."""
+    values = torch.empty(1 << 22, device=device).uniform_(-5, 5)
+    return min(timed(values.exp_, device) for _ in range(20)) / values.numel()
+
+
+def bench_floor(size, precision, device, args):
+    """Rows ``matmuls alone`` and ``floor`` (see the module docstring)."""
+    agent, batch = update_setup([size], PROPRIO, precision, device, args.batch, args.length)
+    agent.train_step(batch)  # warm: the first update builds optimiser state
+    ops = UpdateOps()
+    with ops:
+        agent.train_step(batch)
+    medians = alternating_medians({"update": lambda: agent.train_step(batch), "matmuls": replay(ops.matmuls)},
+                                  device, args)
+    update, matmuls = medians["update"], medians["matmuls"]
+    gflop = sum(matmul_flops(layouts) for _, layouts, _ in ops.matmuls) / 1e9
+    peak = matmul_peak(device, precision)
+    at_peak, exp_floor = gflop / peak, ops.exp_elements * exp_seconds_per_element(device)
+    head = f"{size:<12} {device:<5} {str(precision):<5}"
+    return [f"{'update':<17} {head} {'':>8} {update:>8.3f}",
+            f"{'matmuls alone':<17} {head} {gflop:>8.1f} {matmuls:>8.3f} {gflop / matmuls:>8.1f} {peak:>8.1f} "
+            f"{100 * gflop / matmuls / peak:>6.1f}%   {len(ops.matmuls)} calls, {100 * matmuls / update:.0f}% "
+            f"of the update",
+            f"{'floor':<17} {head} {'':>8} {at_peak + exp_floor:>8.3f}   matmuls at peak {at_peak:.3f} s + "
+            f"{ops.exp_elements / 1e6:.1f}M exp-type elements at exp's {exp_floor / ops.exp_elements * 1e9:.2f} "
+            f"ns: {exp_floor:.3f} s; update / floor {update / (at_peak + exp_floor):.1f}x"]
 
 
 def bench_act(size, precision, device, llcd, args):
@@ -282,6 +375,8 @@ def main():
     parser.add_argument("--skip", nargs="*", default=[], choices=["update", "pixel-update", "act", "env"])
     parser.add_argument("--padding", action="store_true",
                         help="also time the update with the two-hot heads' 255 outputs unpadded vs padded to 256")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time the update's matmuls alone and print the floor below which it cannot go")
     parser.add_argument("--all", action="store_true", help="also run bf16 on CPUs without native bf16")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc malloc as is (dreamer.py keeps freed memory on CPU)")
@@ -301,6 +396,8 @@ def main():
                     print_updates(size, precision, device, args)
                 if args.padding:
                     print("\n".join(bench_padding(size, precision, device, args)), flush=True)
+                if args.floor:
+                    print("\n".join(bench_floor(size, precision, device, args)), flush=True)
                 if "act" not in args.skip:
                     for llcd in (False, True):
                         print(bench_act(size, precision, device, llcd, args), flush=True)

@@ -16,6 +16,7 @@ import types
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -437,3 +438,38 @@ def test_bench_padding_rows_time_both_head_widths_and_restore_the_padded_heads(m
     assert [row.split()[:3] for row in rows] == [["update", "255", "out"], ["update", "256", "out"]]
     assert set(widths) == {255, 256} and widths.count(255) == widths.count(256)
     assert networks.padded_linear is padded
+
+
+def test_update_ops_record_what_flop_counter_counts_and_the_exp_type_elements():
+    """``bench.UpdateOps`` sees every matmul of an update (its FLOPs equal FlopCounterMode's count,
+    an independent counter; the debug proprio agent has no convolutions) and counts the input
+    elements of exp-type ops."""
+    agent, batch = bench.update_setup(["debug"], bench.PROPRIO, 32, "cpu", 2, 8)
+    agent.train_step(batch)
+    ops = bench.UpdateOps()
+    with ops:
+        agent.train_step(batch)
+    assert sum(bench.matmul_flops(layouts) for _, layouts, _ in ops.matmuls) == bench.update_flops(agent, batch)
+    x, y = torch.randn(3, 5), torch.randn(5, 4)
+    with bench.UpdateOps() as small:
+        torch.softmax(x, -1), torch.nn.functional.silu(x), x @ y, torch.addmm(torch.zeros(4), x, y)
+    assert small.exp_elements == 2 * x.numel()
+    assert [func for func, _, _ in small.matmuls] == [torch.ops.aten.mm.default, torch.ops.aten.addmm.default]
+    assert [bench.matmul_flops(layouts) for _, layouts, _ in small.matmuls] == [2 * 3 * 5 * 4] * 2
+
+
+def test_bench_floor_replays_the_matmuls_of_an_update_at_their_layouts(monkeypatch):
+    """``bench.py --floor``: the replay runs each recorded matmul on tensors of the recorded shape and
+    stride (an expanded operand keeps its 0 stride), and the rows report the matmuls alone below the
+    whole update."""
+    agent, batch = bench.update_setup(["debug"], bench.PROPRIO, 32, "cpu", 2, 8)
+    with bench.UpdateOps() as ops:
+        agent.train_step(batch)
+    with bench.UpdateOps() as again:
+        bench.replay(ops.matmuls)()
+    assert [(func, layouts) for func, layouts, _ in again.matmuls] == [(func, layouts) for func, layouts, _ in ops.matmuls]
+    assert any(0 in stride for _, layouts, _ in ops.matmuls for _, stride, _, _ in layouts)  # expanded operands
+    args = types.SimpleNamespace(batch=2, length=8, warmup=1, updates=3)
+    update, matmuls, floor = bench.bench_floor("debug", 32, "cpu", args)
+    assert update.split()[0] == "update" and matmuls.startswith("matmuls alone") and floor.startswith("floor")
+    assert float(matmuls.split()[6]) < float(update.split()[4])
