@@ -203,8 +203,7 @@ def bench_update(size, precision, device, compiled, args, spaces=PROPRIO, label=
 def bench_padding(size, precision, device, args):
     """Rows ``update 255 out`` / ``update 256 out``: one agent's update with the two-hot heads'
     output layers as they are (255 bins) and padded to 256 (``networks.padded_linear``, the
-    default), alternating update by update (order swapped each round) so that both see the same
-    machine state; medians of ``--updates`` each after ``--warmup``, and their ratio."""
+    default), timed by ``alternating_medians``, and their ratio."""
     agent, batch = update_setup([size], PROPRIO, precision, device, args.batch, args.length)
     padded = networks.padded_linear
 

@@ -458,7 +458,7 @@ def test_update_ops_record_what_flop_counter_counts_and_the_exp_type_elements():
     assert [bench.matmul_flops(layouts) for _, layouts, _ in small.matmuls] == [2 * 3 * 5 * 4] * 2
 
 
-def test_bench_floor_replays_the_matmuls_of_an_update_at_their_layouts(monkeypatch):
+def test_bench_floor_replays_the_matmuls_of_an_update_at_their_layouts():
     """``bench.py --floor``: the replay runs each recorded matmul on tensors of the recorded shape and
     stride (an expanded operand keeps its 0 stride), and the rows report the matmuls alone below the
     whole update."""
