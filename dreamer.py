@@ -119,7 +119,7 @@ class Dreamer(nn.Module):
         the task actor-critic and the exploration behaviour."""
         data, before = models.split_prefix(self.wm.preprocess(batch))
         post, metrics = self.wm.train_step(data, adapt, before)
-        start = {key: value.detach() for key, value in post.items()}
+        start = models.imagination_starts(post, data)
         metrics.update(self.task_behavior.train_step(start, self.task_objective))
         if self.expl_behavior is not None:
             metrics.update(self.expl_behavior.train_step(start, post, data))

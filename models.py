@@ -226,7 +226,7 @@ class ImagBehavior(nn.Module):
         self.critic_opt = tools.Optimizer("critic", self.critic.parameters(), c.lr, c.eps, c.grad_clip, 0.0, p)
 
     def train_step(self, start, objective):
-        """start: posterior state dict with (B, T, ...) tensors; objective(states {key: (H+1, N, ...)},
+        """start: ``imagination_starts`` (posterior states and ``cont``, (B, T, ...)); objective(states {key: (H+1, N, ...)},
         feat (H+1, N, F), actions (H, N, A)) -> reward (H, N) for arriving at imagined states 1..H.
         One update of the actor and of the critic; both gradients come from one imagined graph."""
         with tools.autocast(self.config.precision, self.config.device):
@@ -243,49 +243,58 @@ class ImagBehavior(nn.Module):
         feature tensor instead would make its backward allocate and zero (H+1, N, F) per slice."""
         cfg = self.config
         dynamics = self.wm.dynamics
-        states, actions, entropies, log_probs = self.imagine(start, cfg.imag_horizon)
+        states, actions, entropies, log_probs, stats = self.imagine(start, cfg.imag_horizon)
         feat = dynamics.feat(states)  # (H+1, N, F)
         reward = objective(states, feat, actions)  # (H, N)
-        discount = cfg.discount * self.wm.cont(feat).mean()[1:]  # (H, N)
+        discount = cfg.discount * self.wm.cont(feat).mode()[1:]  # (H, N), no gradient: 0 or γ
         feats = dynamics.policy_feat(states, feat)  # (H+1, N, F + Z)
         critic = self.critic(feats)  # over (H+1, N); one forward serves actor and critic losses
         value = critic.mode()  # (H+1, N)
         returns = lambda_return(reward, value, discount, cfg.discount_lambda)  # (H, N)
-        weights = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-1]]), 0).detach()
+        first = start["cont"].flatten()[None]  # (1, N): a terminal start state has nothing ahead
+        weights = first * torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-1]]), 0)
         scale = self.update_return_scale(returns)
         adv = (returns - value[:-1]) / scale  # (H, N); dynamics backprop also through v(s_t)
         policy_term = adv if log_probs is None else log_probs * adv.detach()
         actor_loss = -(weights * (policy_term + cfg.actor.entropy * entropies)).mean()
         critic_loss = self.critic_loss(critic, feats.detach(), returns.detach(), weights)
-        stats = {"imag_reward": reward.mean(), "imag_return": returns.mean(),
-                 "actor_entropy": entropies.mean(), "return_scale": scale}
+        stats.update({"imag_reward": reward.mean(), "imag_return": returns.mean(),
+                      "actor_entropy": entropies.mean(), "return_scale": scale})
         return actor_loss, critic_loss, stats
 
     def imagine(self, start, horizon):
         """Roll the prior forward with the actor from every start state (the LLCD context z
-        stays fixed along a rollout). Continuous actions reach the model clipped to [-1, 1],
-        as acting clips them, with the gradient of the unclipped sample (straight through).
+        stays fixed along a rollout). Continuous actions reach the model bounded to [-1, 1],
+        as acting clips them, by DreamerV3's scaling a * sg(1 / max(1, |a|)): the value of a
+        clip, with a clipped sample's gradient scaled by 1 / |a| (``bound_action``).
         Returns states {deter, stoch[, context]: (H+1, N, ...)}, the actions the model saw
-        (H, N, A), entropies (H, N) and log-probs of the sampled actions (H, N), the latter
-        only for the REINFORCE gradient (None with dynamics backprop, which does not use them)."""
+        (H, N, A), entropies (H, N), log-probs of the sampled actions (H, N), the latter
+        only for the REINFORCE gradient (None with dynamics backprop, which does not use
+        them), and statistics of the continuous actor: the fraction of clipped action
+        components and the actor's mean std."""
         dynamics = self.wm.dynamics
         reinforce = self.discrete or self.config.imag_gradient == "reinforce"
         keys = [key for key in ("deter", "stoch", "context") if key in start]
         state = {key: start[key].detach().flatten(0, 1) for key in keys}  # (N, ...)
-        states, actions, entropies, log_probs = [state], [], [], []
+        states, actions, entropies, log_probs, clipped, stds = [state], [], [], [], [], []
         for _ in range(horizon):
             dist = self.actor(dynamics.policy_feat(state).detach())
             sample = dist.sample()
-            action = sample if self.discrete else sample + (sample.clamp(-1, 1) - sample).detach()
+            action = sample if self.discrete else bound_action(sample)
             state = dynamics.img_step(state, action)
             states.append(state)
             actions.append(action)
             entropies.append(dist.entropy())
             if reinforce:
                 log_probs.append(dist.log_prob(sample.detach()))
+            if not self.discrete:
+                clipped.append((sample.detach().abs() > 1).float().mean())
+                stds.append(dist.std.detach().mean())
         states = {key: torch.stack([s[key] for s in states]) for key in keys}
         log_probs = torch.stack(log_probs) if reinforce else None
-        return states, torch.stack(actions), torch.stack(entropies), log_probs
+        stats = {} if self.discrete else {"actor_clip_fraction": torch.stack(clipped).mean(),
+                                          "actor_std": torch.stack(stds).mean()}
+        return states, torch.stack(actions), torch.stack(entropies), log_probs, stats
 
     def critic_loss(self, dist, feats, returns, weights):
         """Two-hot NLL of λ-returns plus regularisation toward the slow critic's prediction.
@@ -319,6 +328,20 @@ class ImagBehavior(nn.Module):
             slow, fast = list(self.slow_critic.parameters()), list(self.critic.parameters())
             torch._foreach_lerp_(slow, fast, c.slow_target_fraction)
         self.updates += 1
+
+
+def bound_action(sample):
+    """A continuous action sample (..., A) bounded to [-1, 1] as DreamerV3 does it:
+    a * sg(1 / max(1, |a|)). The value is the clip's; the gradient is 1 inside the bounds
+    and 1 / |a| outside, so a sample beyond a bound still tells the actor's std to shrink
+    (a straight-through clip passes 1 and leaves the std to the entropy bonus alone)."""
+    return sample / sample.detach().abs().clamp(min=1)
+
+
+def imagination_starts(post, data):
+    """Start states of imagination: the posterior states (B, T, ...) without gradient, and
+    ``cont`` (B, T) = 1 - is_terminal, which weights each start (nothing follows a terminal)."""
+    return {**{key: value.detach() for key, value in post.items()}, "cont": data["cont"]}
 
 
 def split_prefix(data):

@@ -588,9 +588,18 @@ class Replay:
     episode is trainable after at most one chunk. The chunks of one env form a stream
     (``seq`` counts them), so a window can run on into the next chunk.
 
-    Sampling (as DreamerV3): a window of ``length`` steps starts at a uniformly drawn stored
-    step among those whose window is stored (inside its chunk, or running on into the
-    stored successor); windows cross episode boundaries, ``is_first`` marking each start.
+    Sampling: every stored step is equally likely to be in a training window, whatever its
+    position in its chunk and whatever was evicted around it (DreamerV3 samples uniformly
+    over stored steps). A window of ``length`` steps starts at a uniformly drawn stored
+    step and runs on through the stored successors of its chunk; windows cross episode
+    boundaries, ``is_first`` marking each start. Where the run of consecutively stored
+    chunks ends (the successor is evicted, or not yet closed), the window wraps round to
+    the first step of that run and marks the step it resumes at with ``is_first``: the
+    model restarts from its initial state there, as it does at every window's first step.
+    Each run is thus a ring: each of its steps starts one window and lies in exactly
+    ``length`` of them. (Without the wrap, a window must fit before the run's end, and a
+    step at the end of an isolated chunk lies in 1 window where a middle step lies in
+    ``length``: under reservoir eviction most chunks are isolated.)
     ``prefix`` > 0 adds the steps before each window (the LLCD context) where the
     predecessor chunk is stored, zeros elsewhere, with ``prefix_stored`` (B, prefix) telling
     which are real.
@@ -629,7 +638,6 @@ class Replay:
         self.streams = {}  # env index -> [stream id, seq of its open chunk]
         self.rng = np.random.default_rng(seed)
         self.seen = 0  # chunks ever closed
-        self.tables = {}  # window length -> sampling table, cleared when the stored chunks change
 
     @property
     def evicted_dir(self):
@@ -689,7 +697,6 @@ class Replay:
     def insert(self, name, chunk):
         self.chunks[name] = chunk
         self.positions[chunk_position(name)] = name
-        self.tables.clear()
 
     def evict_oldest(self):
         while len(self.chunks) > self.slots:
@@ -699,7 +706,6 @@ class Replay:
         """Evict a chunk; its file moves to ``.evicted/`` until the next checkpoint."""
         del self.chunks[name]
         del self.positions[chunk_position(name)]
-        self.tables.clear()
         if self.directory is not None:
             self.evicted_dir.mkdir(exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
@@ -710,15 +716,6 @@ class Replay:
     def can_sample(self, length):
         return bool(self.chunks) and length <= self.chunk
 
-    def sampling_table(self, length):
-        """(names, cumulative window-start counts) over the stored chunks: a chunk whose
-        successor is stored starts ``chunk`` windows, any other ``chunk - length + 1``."""
-        if length not in self.tables:
-            names = list(self.chunks)
-            counts = [self.chunk if self.successor(name) else self.chunk - length + 1 for name in names]
-            self.tables[length] = names, np.cumsum(counts)
-        return self.tables[length]
-
     def successor(self, name):
         stream, seq = chunk_position(name)
         return self.positions.get((stream, seq + 1))
@@ -726,6 +723,12 @@ class Replay:
     def predecessor(self, name):
         stream, seq = chunk_position(name)
         return self.positions.get((stream, seq - 1))
+
+    def run_start(self, name):
+        """The first chunk of the run of consecutively stored chunks that holds ``name``."""
+        while (before := self.predecessor(name)) is not None:
+            name = before
+        return name
 
     def sample(self, batch, length, prefix=0):
         """``batch`` windows -> {key: (B, prefix + length, ...)}, plus ``prefix_stored``
@@ -735,17 +738,18 @@ class Replay:
         if length > self.chunk or prefix > self.chunk:
             raise ValueError(f"windows of {length} steps with {prefix} context steps need "
                              f"replay_chunk >= {max(length, prefix)}, it is {self.chunk}")
-        names, cumulative = self.sampling_table(length)
-        picks = self.rng.integers(0, cumulative[-1], size=batch)
-        index = np.searchsorted(cumulative, picks, side="right")
-        offsets = picks - np.concatenate([[0], cumulative])[index]
-        windows = [self.window(names[i], int(o), length, prefix) for i, o in zip(index, offsets)]
+        names = list(self.chunks)
+        picks = self.rng.integers(0, len(names) * self.chunk, size=batch)  # uniform over stored steps
+        windows = [self.window(names[pick // self.chunk], int(pick % self.chunk), length, prefix) for pick in picks]
         return {key: np.stack([window[key] for window in windows]) for key in windows[0]}
 
     def window(self, name, offset, length, prefix):
-        """Steps [offset - prefix, offset + length) counted from the start of chunk ``name``;
-        the prefix is zero-padded where the predecessor chunk is not stored."""
+        """Steps [offset - prefix, offset + length) counted from the start of chunk ``name``,
+        wrapped round to the start of its run past the run's end (``is_first`` set where it
+        resumes); the prefix is zero-padded where the predecessor chunk is not stored."""
         before, after = self.predecessor(name), self.successor(name)
+        wraps = after is None and offset + length > self.chunk
+        after = self.run_start(name) if wraps else after
         begin, end = offset - prefix, offset + length
         padding = max(0, -begin) if before is None else 0
         begin += padding
@@ -757,6 +761,8 @@ class Replay:
             pad = np.zeros((padding, *value.shape[1:]), value.dtype)
             out[key] = np.concatenate([pad, *(chunk[key][max(begin - start, 0):end - start]
                                              for chunk, start in segments)])
+        if wraps:
+            out["is_first"][prefix + self.chunk - offset] = True
         if prefix:
             out["prefix_stored"] = np.arange(prefix) >= padding
         return out
@@ -812,7 +818,6 @@ class Replay:
         and the chunks that were being filled."""
         self.chunks.clear()
         self.positions.clear()
-        self.tables.clear()
         deleted = self.restore_files(state["chunks"])
         if deleted:
             print(f"Deleted {deleted} replay chunk files written after the checkpoint; "

@@ -68,8 +68,10 @@ def test_run_writes_config_metrics_events_checkpoint_and_episodes(first_run):
     train_rows = [row for row in rows if "model_loss" in row]
     assert train_rows
     for row in train_rows:
-        for key in ("model_loss", "kl", "reward_loss", "cont_loss", "state_loss", "actor_loss", "critic_loss"):
+        for key in ("model_loss", "kl", "reward_loss", "cont_loss", "state_loss", "actor_loss", "critic_loss",
+                    "actor_clip_fraction", "actor_std"):
             assert key in row and math.isfinite(row[key]), key
+        assert 0 <= row["actor_clip_fraction"] <= 1
     # TensorBoard event file
     events = list(logdir.glob("events.out.tfevents.*"))
     assert events and all(path.stat().st_size > 0 for path in events)

@@ -158,7 +158,7 @@ def test_imag_behavior_train_step_updates_actor_critic_and_slow_critic():
     config, wm, behavior = make_learners(2)
     data = wm.preprocess(random_batch(config, seed=2))
     post, _ = wm.train_step(data)
-    start = {key: value.detach() for key, value in post.items()}
+    start = models.imagination_starts(post, data)
 
     def objective(states, feat, actions):
         assert states["deter"].shape[0] == config.imag_horizon + 1 and actions.shape[0] == config.imag_horizon
@@ -197,7 +197,7 @@ def test_slow_critic_tracks_critic_over_updates():
     config, wm, behavior = make_learners(3)
     data = wm.preprocess(random_batch(config, seed=3))
     post, _ = wm.train_step(data)
-    start = {key: value.detach() for key, value in post.items()}
+    start = models.imagination_starts(post, data)
     objective = lambda states, feat, actions: torch.ones(actions.shape[:2])  # noqa: E731
     behavior.train_step(start, objective)
     # freeze the critic afterwards: the slow copy must converge to it geometrically
@@ -246,8 +246,9 @@ def actor_grad_norm(gradient, monkeypatch, detach_log_prob=False):
     torch.nn.init.normal_(behavior.critic.head.weight)  # zero-initialised: v would not depend on s yet
     config.actor.entropy = 0.0
     config.imag_gradient = gradient
-    post, _ = wm.train_step(wm.preprocess(random_batch(config, seed=4)))
-    start = {key: value.detach() for key, value in post.items()}
+    data = wm.preprocess(random_batch(config, seed=4))
+    post, _ = wm.train_step(data)
+    start = models.imagination_starts(post, data)
     returns = models.lambda_return
     monkeypatch.setattr(models, "lambda_return", lambda *args: returns(*args).detach())
     if detach_log_prob:
@@ -267,10 +268,18 @@ def test_reinforce_keeps_the_baseline_out_of_the_gradient(monkeypatch):
     assert actor_grad_norm("reinforce", monkeypatch, detach_log_prob=True) == 0
 
 
-def test_imagined_actions_reach_the_model_clipped_with_the_gradient_kept(monkeypatch):
-    config, wm, behavior = make_learners(5)
-    post, _ = wm.train_step(wm.preprocess(random_batch(config, seed=5)))
-    start = {key: value.detach() for key, value in post.items()}
+def imagination_setup(seed):
+    config, wm, behavior = make_learners(seed)
+    data = wm.preprocess(random_batch(config, seed=seed))
+    post, _ = wm.train_step(data)
+    return config, wm, behavior, models.imagination_starts(post, data)
+
+
+def test_imagined_actions_reach_the_model_clipped_with_the_gradient_scaled(monkeypatch):
+    """DreamerV3's bound a * sg(1 / max(1, |a|)): the model sees the clipped sample, and the
+    gradient of what it sees with respect to the sample is 1 inside the bounds, 1 / |a| outside
+    (a straight-through clip would pass 1 everywhere)."""
+    config, wm, behavior, start = imagination_setup(5)
     samples, seen = [], []
     sample, img_step = networks.BoundedNormal.sample, wm.dynamics.img_step
 
@@ -284,16 +293,69 @@ def test_imagined_actions_reach_the_model_clipped_with_the_gradient_kept(monkeyp
 
     monkeypatch.setattr(networks.BoundedNormal, "sample", record_sample)
     monkeypatch.setattr(wm.dynamics, "img_step", record_step)
-    states, actions, _, _ = behavior.imagine(start, config.imag_horizon)
+    states, actions, _, _, stats = behavior.imagine(start, config.imag_horizon)
     drawn, model_in = torch.stack(samples), torch.stack(seen)
-    assert (drawn.abs() > 1).any()  # the actor's Gaussian does leave the bounds
-    assert model_in.abs().max() <= 1
-    torch.testing.assert_close(model_in, drawn.clamp(-1, 1))
+    outside = drawn.detach().abs() > 1
+    assert outside.any() and (~outside).any()  # the actor's Gaussian does leave the bounds
+    torch.testing.assert_close(model_in, drawn.clamp(-1, 1), rtol=0, atol=0)
     torch.testing.assert_close(actions, model_in)
-    # straight through: d(model input)/d(sample) is 1 even where the sample was clipped
-    grad, = torch.autograd.grad(model_in.sum(), behavior.actor.head.weight, retain_graph=True)
-    expected, = torch.autograd.grad(drawn.sum(), behavior.actor.head.weight)
-    torch.testing.assert_close(grad, expected)
+    grads = torch.stack(torch.autograd.grad(model_in.sum(), samples))
+    assert torch.all(grads[~outside] == 1)
+    torch.testing.assert_close(grads[outside] * drawn.detach().abs()[outside], torch.ones(int(outside.sum())))
+    assert float(stats["actor_clip_fraction"]) == pytest.approx(float(outside.float().mean()))
+    assert 0.1 <= float(stats["actor_std"]) <= 1.0  # between the actor's min_std and max_std
+
+
+def test_bound_action_pushes_the_std_down_once_the_mean_saturates():
+    """Mean 0.95, std 0.5, upstream gradient +1 on the bounded action: the std's gradient is
+    E[eps * g(mu + sigma * eps)] with g = 1 inside the bounds and 1/|a| outside, a number
+    below zero (about -0.13); a straight-through clip gives E[eps] = 0. Monte Carlo through
+    autograd against quadrature of the definition."""
+    from scipy import integrate, stats
+    mu = torch.tensor(0.95, requires_grad=True)
+    sigma = torch.tensor(0.5, requires_grad=True)
+    eps = torch.randn(400_000, generator=torch.Generator().manual_seed(0))
+    models.bound_action(mu + sigma * eps).mean().backward()
+    slope = lambda a: 1.0 if abs(a) <= 1 else 1.0 / abs(a)  # noqa: E731
+    expected, _ = integrate.quad(lambda e: e * slope(0.95 + 0.5 * e) * stats.norm.pdf(e), -12, 12, points=[-3.9, 0.1])
+    assert expected < -0.1
+    assert float(sigma.grad) == pytest.approx(expected, abs=0.01)
+    assert float(mu.grad) == pytest.approx(integrate.quad(lambda e: slope(0.95 + 0.5 * e) * stats.norm.pdf(e),
+                                                          -12, 12, points=[-3.9, 0.1])[0], abs=0.01)
+
+
+def test_imagined_continuation_is_the_mode_without_gradient(monkeypatch):
+    """The λ-return discounts with γ times the continue head's mode (0 or 1), as DreamerV3,
+    so the actor cannot raise its return by raising the predicted continue probability."""
+    config, wm, behavior, start = imagination_setup(6)
+    torch.nn.init.normal_(wm.cont.head.weight, std=3.0)  # spread the continue probabilities
+    seen = {}
+    returns = models.lambda_return
+
+    def record(reward, value, discount, lam):
+        seen["discount"] = discount
+        return returns(reward, value, discount, lam)
+
+    monkeypatch.setattr(models, "lambda_return", record)
+    behavior.losses(start, lambda states, feat, actions: wm.reward(feat).mode()[1:])
+    discount = seen["discount"]
+    assert not discount.requires_grad
+    gamma = torch.tensor(config.discount, dtype=discount.dtype)
+    assert torch.all((discount == 0) | (discount == gamma))
+    assert (discount == 0).any() and (discount == gamma).any()
+
+
+def test_imagination_from_terminal_start_states_has_no_weight():
+    """Every start weighted by 1 - is_terminal: with all starts terminal both losses vanish;
+    marking some starts terminal changes the losses only through them."""
+    config, wm, behavior, start = imagination_setup(7)
+    objective = lambda states, feat, actions: wm.reward(feat).mode()[1:]  # noqa: E731
+    torch.manual_seed(0)
+    actor_loss, critic_loss, _ = behavior.losses({**start, "cont": torch.zeros_like(start["cont"])}, objective)
+    assert float(actor_loss.detach()) == 0 and float(critic_loss.detach()) == 0
+    torch.manual_seed(0)
+    alive, _, _ = behavior.losses(start, objective)
+    assert float(alive.detach()) != 0
 
 
 # ----------------------------------------------------------------- paper sizes

@@ -54,16 +54,19 @@ def test_window_starts_are_uniform_over_positions_within_episodes():
     replay = tools.Replay(None, capacity=10 ** 6, seed=0, chunk=64)
     total = add_stream(replay, [episode] * 20)
     stored = total // 64 * 64  # the last partial chunk is still open
-    starts = np.arange(stored - length + 1)  # every stored window lies in the stored steps
+    starts = np.arange(stored)  # every stored step starts one window
     expected = np.bincount(starts % episode, minlength=episode).astype(float)
     batch = sample_many(replay, 60_000, length)
     observed = np.bincount(batch["t"][:, 0], minlength=episode)
     expected *= observed.sum() / expected.sum()
     assert stats.chisquare(observed, expected).pvalue > 0.01
     assert observed[:63].sum() > 0.9 * expected[:63].sum() and observed[-63:].sum() > 0.9 * expected[-63:].sum()
-    # windows are consecutive stream steps and cross episode boundaries, is_first marking them
-    assert np.all(np.diff(batch["step"], axis=1) == 1)
-    assert np.all(batch["is_first"] == (batch["t"] == 0))
+    # windows are consecutive stream steps and cross episode boundaries, is_first marking them;
+    # past the last stored step a window wraps round to the first, is_first marking that too
+    diffs = np.diff(batch["step"], axis=1)
+    wrapped = diffs != 1
+    assert np.all(diffs[wrapped] == -(stored - 1)) and 0 < wrapped.any(1).mean() < 0.01
+    assert np.all(batch["is_first"][:, 1:] == ((batch["t"][:, 1:] == 0) | wrapped))
     crossing = batch["is_first"][:, 1:].any(1)
     assert 0.05 < crossing.mean() < 0.25  # about 63 of 501 starts
 
@@ -76,8 +79,53 @@ def test_windows_never_mix_two_envs_and_each_stream_is_sampled():
             ends[env] = add_stream(replay, [40], env_index=env, first_step=ends[env])
     batch = replay.sample(2000, 16)
     assert np.all(batch["env"] == batch["env"][:, :1])
-    assert np.all(np.diff(batch["action"][..., 0], axis=1) == 1)
+    assert np.all((np.diff(batch["action"][..., 0], axis=1) == 1) | batch["is_first"][:, 1:])
     assert set(batch["env"][:, 0].tolist()) == {0, 1}
+
+
+def one_step_per_window(batch, seed=0):
+    """One uniformly chosen step of each sampled window: independent draws whose distribution
+    is the windows' coverage of the stored steps."""
+    steps = batch["step"]
+    return steps[np.arange(len(steps)), np.random.default_rng(seed).integers(0, steps.shape[1], len(steps))]
+
+
+def test_every_stored_step_is_trained_alike_after_heavy_eviction():
+    """Reservoir of 40 of 2000 offered 64-step chunks, so that most stored chunks have no
+    stored neighbour: a step's chance to be in a 32-step window is the same at every position
+    of its chunk, the edges included, and for every stored step (chi-square, p > 0.01)."""
+    chunk, length = 64, 32
+    replay = tools.Replay(None, 40 * chunk, seed=8, policy="reservoir", chunk=chunk)
+    add_stream(replay, [1000] * 128)
+    isolated = [name for name in replay.chunks if not replay.successor(name) and not replay.predecessor(name)]
+    assert len(isolated) > 0.7 * replay.num_chunks
+    steps = one_step_per_window(sample_many(replay, 64_000, length))
+    by_position = np.bincount(steps % chunk, minlength=chunk)
+    assert stats.chisquare(by_position).pvalue > 0.01, by_position
+    edges, middle = by_position[[0, -1]].mean(), by_position[24:40].mean()
+    assert 0.9 < edges / middle < 1.1
+    stored = np.concatenate([value["step"] for value in replay.chunks.values()])
+    by_step = np.array([np.count_nonzero(steps == step) for step in np.sort(stored)])
+    assert stats.chisquare(by_step).pvalue > 0.01
+
+
+def test_a_window_past_the_end_of_a_run_wraps_to_its_start_as_a_new_sequence():
+    """Two consecutive stored chunks (a run) and one isolated chunk: a window starting near the
+    run's end continues at the run's first step, and one near the isolated chunk's end at that
+    chunk's first step, with is_first set there and nowhere else inside the window."""
+    replay = tools.Replay(None, 10 ** 6, seed=9, chunk=16)
+    add_stream(replay, [80])  # chunks 0..4 (steps 0..79)
+    replay.remove(list(replay.chunks)[2])  # runs: chunks 0-1 (steps 0..31), chunks 3-4 (steps 48..79)
+    replay.remove(list(replay.chunks)[2])  # chunk 3 too: chunk 4 (steps 64..79) stands alone
+    windows = {(name, offset): replay.window(name, offset, 10, 0) for name in replay.chunks for offset in range(16)}
+    runs = [(0, 32), (64, 80)]
+    for window in windows.values():
+        start = int(window["step"][0])
+        first, end = next(run for run in runs if run[0] <= start < run[1])
+        expected = first + (start - first + np.arange(10)) % (end - first)
+        np.testing.assert_array_equal(window["step"], expected)
+        resumed = np.flatnonzero(np.diff(expected) != 1) + 1
+        np.testing.assert_array_equal(np.flatnonzero(window["is_first"][1:]) + 1, resumed)
 
 
 def test_running_episode_is_sampled_before_it_ends():
@@ -218,7 +266,8 @@ def test_disk_mirrors_memory_and_a_restart_reloads_it(tmp_path):
             np.testing.assert_array_equal(second.chunks[name][key], value)
     # the streams link up again: windows run on across chunk files
     batch = second.sample(500, 8)
-    assert np.all(np.diff(batch["step"], axis=1) == 1) and (batch["step"][:, 0] % 8 != 0).any()
+    diffs = np.diff(batch["step"], axis=1)
+    assert np.all((diffs == 1) | batch["is_first"][:, 1:]) and (batch["step"][:, 0] % 8 != 0).any()
 
 
 def test_unreadable_or_foreign_chunk_files_are_skipped_with_a_warning(tmp_path):
