@@ -5,6 +5,7 @@ Usage::
     python analyze_results.py RUN_DIR... [--out DIR] [--reference DIR...] [--group-by KEY ...]
                               [--include-incomplete] [--compare A B [--compare C D ...]]
     python analyze_results.py RUN_DIR... --detectors [--out DIR]
+    python analyze_results.py RUN_DIR... --anchor SCORES.csv [--out DIR]
 
 Globs are expanded here too; a directory without ``config.yaml`` stands for its sub-directories that are
 runs. A run holds ``config.yaml`` (the resolved config) and ``metrics.jsonl`` (``step`` in env steps and
@@ -39,12 +40,16 @@ task switches), curve_*.png per curve, bars_*.png per per-task metric, iqm_inter
 CI figure). ``--detectors`` replays the
 recorded score streams (``llcd_scores.npz``) through every score x detector pair with each run's
 settings: the strict table per run and pooled (detectors.csv) and every switch (switches.csv).
+``--anchor`` sets single-task runs beside published scores (e.g. DreamerV3's): per task and each env
+step of the anchor file, the anchor's mean and range over its seeds and ours (last eval at or before that
+step), with wall time per run and the CPU (learning_table.md/.csv, learning.png).
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import gzip
 import json
 import math
 import os
@@ -219,20 +224,24 @@ def parse_metrics_lines(lines: list, source: str = "metrics.jsonl") -> dict:
 
 
 def load_run(path: str) -> Run:
-    """Load one run directory; raise RunLoadError with a clear message."""
+    """Load one run directory (or a run's kept results: metrics.jsonl.gz, see sweep.py --results);
+    raise RunLoadError with a clear message."""
     if not os.path.isdir(path):
         raise RunLoadError(f"{path}: not a directory")
-    for name in ("config.yaml", "metrics.jsonl"):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise RunLoadError(f"{path}: no {name}, not a run directory")
+    if not os.path.isfile(os.path.join(path, "config.yaml")):
+        raise RunLoadError(f"{path}: no config.yaml, not a run directory")
+    metrics_path = next((os.path.join(path, name) for name in ("metrics.jsonl", "metrics.jsonl.gz")
+                         if os.path.isfile(os.path.join(path, name))), None)
+    if metrics_path is None:
+        raise RunLoadError(f"{path}: no metrics.jsonl, not a run directory")
     try:
         config = read_config(os.path.join(path, "config.yaml"))
     except RunLoadError:
         raise
     except Exception as exc:  # any YAML error becomes a one-line message
         raise RunLoadError(f"{path}/config.yaml: cannot parse ({exc.__class__.__name__})")
-    metrics_path = os.path.join(path, "metrics.jsonl")
-    with open(metrics_path, encoding="utf-8", errors="replace") as f:
+    opener = gzip.open if metrics_path.endswith(".gz") else open
+    with opener(metrics_path, "rt", encoding="utf-8", errors="replace") as f:
         return Run(path, config, parse_metrics_lines(f.readlines(), metrics_path))
 
 
@@ -778,8 +787,8 @@ def detector_rows(run: Run, defaults: dict) -> tuple:
     """(one strict-scoring row per candidate score x detector, one row per switch of each) of one run's
     recorded stream."""
     settings = {**defaults, **run.config}
-    with np.load(os.path.join(run.path, SCORES_FILE)) as data:
-        stream = {key: data[key] for key in data.files}
+    with np.load(os.path.join(run.path, SCORES_FILE)) as data:  # kept results hold float16 scores
+        stream = {key: data[key] if key == "step" else data[key].astype(np.float32) for key in data.files}
     repeat = run.schedule.action_repeat
     switches = [(w.start / repeat, w.end / repeat) for w in run.schedule.switches()]
     max_delay = resolve_max_delay(settings["llcd_max_delay"], settings["time_limit"], repeat)
@@ -875,6 +884,134 @@ def evaluate_detectors(runs: list, out: str) -> int:
     return 0
 
 
+# ----------------------------------------------------------------- learning table against published scores
+
+ANCHOR_TASKS = {"dmc_cup_catch": "dmc_ball_in_cup_catch"}  # this project's task name -> the anchor's
+
+
+def read_anchor(path: str) -> pd.DataFrame:
+    """A published score file: CSV with columns task, seed, env_steps, return."""
+    try:
+        anchor = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        fail(f"--anchor {path}: cannot read it as CSV ({exc.__class__.__name__}); give the published scores file")
+    missing = {"task", "seed", "env_steps", "return"} - set(anchor.columns)
+    if missing:
+        fail(f"--anchor {path}: no column {', '.join(sorted(missing))}; it needs task, seed, env_steps, return")
+    return anchor
+
+
+def return_at(run: Run, step: float) -> float:
+    """The run's eval return at env step ``step``: its last eval at or before it, if that eval is
+    less than one ``eval_every`` earlier; NaN otherwise (the run stopped before ``step``)."""
+    curve = run.eval_curve(0)
+    before = curve[curve.index <= step]
+    if before.empty or step - before.index[-1] >= float(run.config.get("eval_every", math.inf)):
+        return math.nan
+    return float(before.iloc[-1])
+
+
+def train_return_near(run: Run, step: float, span: float = 5000.0) -> float:
+    """Mean training-episode return logged in env steps (step - span, step] (the anchor's kind of
+    return: episodes of the stochastic policy); NaN where none was logged."""
+    logged = run.series("train_return")
+    near = logged[(logged.index > step - span) & (logged.index <= step)]
+    return float(near.mean()) if len(near) else math.nan
+
+
+def finite_mean(values: list) -> float:
+    finite = [x for x in values if math.isfinite(x)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def run_facts(run: Run) -> dict:
+    """Wall seconds and CPU of a run: run.json of kept results, else the sweep's sweep_done.json."""
+    for name in ("run.json", "sweep_done.json"):
+        path = os.path.join(run.path, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+    return {}
+
+
+def learning_rows(runs: list, anchor: pd.DataFrame) -> pd.DataFrame:
+    """One row per (task, env step of the anchor): the anchor's seeds and ours."""
+    rows = []
+    for task, group in pd.DataFrame({"run": runs, "task": [r.config.get("task") for r in runs]}).groupby("task"):
+        published = anchor[anchor["task"] == ANCHOR_TASKS.get(task, task)]
+        if published.empty:
+            warn(f"{task}: not in the anchor file; left out")
+            continue
+        ordered = sorted(group["run"], key=lambda r: r.seed)
+        facts = [run_facts(r) for r in ordered]
+        for step, theirs in published.groupby("env_steps"):
+            ours = [return_at(r, step) for r in ordered]
+            if all(math.isnan(x) for x in ours):
+                continue
+            trained = [train_return_near(r, step) for r in ordered]
+            rows.append({"task": task, "env_steps": int(step), "anchor_mean": theirs["return"].mean(),
+                         "anchor_min": theirs["return"].min(), "anchor_max": theirs["return"].max(),
+                         "anchor_seeds": len(theirs), "mean": finite_mean(ours),
+                         "std": np.nanstd(ours, ddof=1) if np.isfinite(ours).sum() > 1 else math.nan,
+                         "seeds": " / ".join(f"{x:.0f}" for x in ours), "seed_ids": [r.seed for r in ordered],
+                         "train_mean": finite_mean(trained), "train_seeds": " / ".join(f"{x:.0f}" for x in trained),
+                         "minutes": np.mean([f["seconds"] / 60 for f in facts if "seconds" in f] or [math.nan]),
+                         "cpu": "; ".join(sorted({f["cpu"] for f in facts if "cpu" in f}))})
+    return pd.DataFrame(rows)
+
+
+def render_learning_table(table: pd.DataFrame) -> str:
+    """Markdown: ours beside the anchor at each of its env steps."""
+    lines = ["| task | env steps | DreamerV3 mean [min, max] (seeds) | ours: eval mean ± std | eval per seed | "
+             "train episodes per seed | mean ≥ anchor's (eval / train) | wall min per run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in table.to_dict("records"):
+        reached = " / ".join("yes" if r[key] >= r["anchor_mean"] else "no" for key in ("mean", "train_mean"))
+        lines.append(f"| {r['task'].removeprefix('dmc_')} | {r['env_steps'] // 1000}K | {r['anchor_mean']:.0f} "
+                     f"[{r['anchor_min']:.0f}, {r['anchor_max']:.0f}] ({r['anchor_seeds']}) | {r['mean']:.0f} ± "
+                     f"{r['std']:.0f} | {r['seeds']} | {r['train_seeds']} | {reached} | {r['minutes']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot_learning(runs: list, anchor: pd.DataFrame, table: pd.DataFrame, path: str) -> None:
+    """Our eval curves per task (one line per seed) with the anchor's mean and range at its steps."""
+    tasks = list(dict.fromkeys(table["task"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 2.8), squeeze=False, sharey=True)
+    for ax, task in zip(axes[0], tasks):
+        for run in (r for r in runs if r.config.get("task") == task):
+            curve = run.eval_curve(0)
+            ax.plot(curve.index, curve.to_numpy(), color="C0", alpha=0.6, lw=1)
+        rows = table[table["task"] == task]
+        ax.errorbar(rows["env_steps"], rows["anchor_mean"], fmt="o", color="C3", capsize=3,
+                    yerr=[rows["anchor_mean"] - rows["anchor_min"], rows["anchor_max"] - rows["anchor_mean"]])
+        ax.set_title(task.removeprefix("dmc_"), fontsize=9)
+        ax.set_xlabel("env steps")
+        ax.xaxis.set_major_formatter(EngFormatter())
+    axes[0][0].set_ylabel("eval return")
+    axes[0][0].legend([Line2D([], [], color="C0"), Line2D([], [], color="C3", marker="o", ls="")],
+                      ["ours (small, 1 CPU core), per seed", "DreamerV3 (size S), mean and range"], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def learning_table(runs: list, anchor_path: str, out: str) -> int:
+    """The ``--anchor`` mode: print the learning table, write learning_table.md/.csv and learning.png."""
+    table = learning_rows(runs, read_anchor(anchor_path))
+    if table.empty:
+        fail("no run has an eval at an env step of the anchor file, or no task matches it")
+    print(render_learning_table(table))
+    cpus = sorted({cpu for cell in table["cpu"] for cpu in cell.split("; ") if cpu})
+    print(f"\nCPU: {'; '.join(cpus) or 'not recorded'}")
+    os.makedirs(out, exist_ok=True)
+    table.to_csv(os.path.join(out, "learning_table.csv"), index=False)
+    with open(os.path.join(out, "learning_table.md"), "w", encoding="utf-8") as f:
+        f.write(render_learning_table(table) + "\n")
+    plot_learning(runs, read_anchor(anchor_path), table, os.path.join(out, "learning.png"))
+    info(f"wrote learning_table.md, learning_table.csv and learning.png to {out}/")
+    return 0
+
+
 # ----------------------------------------------------------------- CLI
 
 
@@ -891,6 +1028,9 @@ def parse_args(argv: list | None) -> argparse.Namespace:
                         help="keep runs that stop before their schedule ends in the group statistics")
     parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
                         help="probability that group A improves on group B (group labels as printed); repeatable")
+    parser.add_argument("--anchor", metavar="CSV",
+                        help="published scores (task, seed, env_steps, return): the learning table of "
+                        "single-task runs against them")
     parser.add_argument("--detectors", action="store_true",
                         help="replay the recorded LLCD score streams through every score x detector pair")
     return parser.parse_args(argv)
@@ -904,6 +1044,8 @@ def main(argv: list | None = None) -> int:
         fail("no run directory with config.yaml and metrics.jsonl among: " + " ".join(args.runs))
     if args.detectors:
         return evaluate_detectors(runs, args.out)
+    if args.anchor:
+        return learning_table(runs, args.anchor, args.out)
     refs = load_runs(expand_paths(args.reference), what="reference") if args.reference else []
     for ref in (ref for ref in refs if ref.reference_task is None):
         warn(f"reference {ref.path} is not a single-task run (crl_tasks: [k]); ignored")

@@ -25,6 +25,14 @@ killed run leaves exactly what dreamer.py resumes from (``latest.pt`` and
 ``train_eps/``). Worker-side code uses the standard library only (this module
 is shipped to workers by value), so a worker never imports torch itself.
 
+Kept results (``--results DIR``): as each run finishes, its compact results go to
+``DIR/<run>/`` (``keep_results``): config.yaml, metrics.jsonl.gz, llcd_scores.npz as
+float16 where the run has one, and run.json (the commit of the code that ran it, the CPU,
+the wall time). A run whose results are kept is skipped, even where its logdir is gone,
+so a study committed to the repo run by run continues on another machine. With
+``--keep-only`` the sweep keeps the finished runs' results and launches nothing: results
+of a sweep running from a pinned worktree are kept by a newer checkout's sweep.py.
+
 A run is finished when ``DIR/sweep_done.json`` exists. Its task writes it
 atomically only after dreamer.py exited 0, which dreamer.py does only once
 training is complete and the last checkpoint saved: a killed or crashed run
@@ -37,10 +45,12 @@ never train one logdir at once. A failed run is retried ``--retries`` times
 
 import argparse
 import collections
+import contextlib
 import ctypes
 import dataclasses
 import datetime
 import fcntl
+import gzip
 import itertools
 import json
 import logging
@@ -48,11 +58,13 @@ import os
 import pathlib
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import ray
 from ray import cloudpickle
 from ruamel.yaml import YAMLError
@@ -346,6 +358,8 @@ class Scheduler:
         if result["rc"] == 0:
             self.done += 1
             self.durations.append(result["seconds"])
+            if self.args.results:
+                keep_finished([point], self.args.results)
         elif self.attempts[point.name] <= self.args.retries:
             print(f"sweep: {point.name} failed ({result['error']}); retry {self.attempts[point.name]}"
                   f"/{self.args.retries}, resuming", flush=True)
@@ -393,6 +407,67 @@ def launch(points, total, args):
     finally:
         if started_here:
             ray.shutdown()
+
+
+# ----------------------------------------------------------------- kept results
+
+
+def keep_results(point, results):
+    """Write the finished run ``point``'s compact results to ``results/<name>/`` (see the module
+    docstring); a temp folder renamed at the end, so kept results are complete or absent."""
+    target = results / point.name
+    temp = results / f".{point.name}.tmp"
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir(parents=True)
+    shutil.copyfile(point.logdir / "config.yaml", temp / "config.yaml")
+    with open(point.logdir / "metrics.jsonl", "rb") as src, gzip.open(temp / "metrics.jsonl.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    scores = point.logdir / "llcd_scores.npz"
+    if scores.exists():
+        with np.load(scores) as data:
+            np.savez_compressed(temp / scores.name, **{key: data[key].astype(np.float16) if data[key].dtype.kind == "f"
+                                                        else data[key] for key in data.files})
+    done = json.loads((point.logdir / DONE).read_text())
+    code = code_dir(point.logdir)
+    info = {"run": point.name, "args": point.args, "commit": git_commit(code), "cpu": cpu_model(),
+            "seconds": done["seconds"], "finished": done["finished"]}
+    (temp / "run.json").write_text(json.dumps(info, indent=1) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(temp, target)
+
+
+def code_dir(logdir):
+    """The folder of the dreamer.py that trained ``logdir``, from its sweep.log header line."""
+    header = (logdir / LOG).read_text(errors="replace").split("\n", 1)[0]
+    script = next((part for part in header.split() if part.endswith("dreamer.py")), str(ROOT / "dreamer.py"))
+    return pathlib.Path(script).parent
+
+
+def git_commit(folder):
+    """'<commit>' of the checkout in ``folder``, '+dirty' appended where tracked files differ from it."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def cpu_model():
+    """The CPU's model name and its native bf16 extensions (they change speed figures several-fold)."""
+    with contextlib.suppress(OSError):
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+        name = re.search(r"model name\s*:\s*(.*)", text)
+        flags = sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", text)))
+        return " ".join([name.group(1) if name else "unknown CPU", *flags]) + f", {os.cpu_count()} cores"
+    return "unknown CPU"
+
+
+def keep_finished(points, results):
+    """Keep the results of every finished run not kept yet; returns how many were kept."""
+    fresh = [point for point in points if point.finished and not (results / point.name).exists()]
+    for point in fresh:
+        keep_results(point, results)
+        print(f"sweep: kept {point.name}'s results in {results / point.name}", flush=True)
+    return len(fresh)
 
 
 # ----------------------------------------------------------------- end of a sweep
@@ -453,11 +528,17 @@ def parse_cli(argv):
     parser.add_argument("--max-concurrent", type=int, help="runs at once (default: what the cluster fits)")
     parser.add_argument("--retries", type=int, default=1, help="retries of a failed run, each resuming (default 1)")
     parser.add_argument("--summary-every", type=float, default=30.0, help="seconds between summary lines")
+    parser.add_argument("--results", help="keep each finished run's compact results in RESULTS/<run>/ and "
+                        "skip the runs kept there")
+    parser.add_argument("--keep-only", action="store_true",
+                        help="keep the finished runs' results in --results and launch nothing")
     parser.add_argument("--no-analysis", dest="analysis", action="store_false",
                         help="skip analyze_results.py at the end")
     args, extra = parser.parse_known_args(argv)
     if args.address and args.num_cpus:
         parser.error("--num-cpus sizes a local Ray only; a cluster given by --address has its own size")
+    if args.keep_only and not args.results:
+        parser.error("--keep-only keeps results in --results DIR; give one")
     if args.cpus_per_run <= 0 or args.gpus_per_run < 0:
         parser.error("--cpus-per-run must be > 0 and --gpus-per-run >= 0")
     return args, extra
@@ -478,7 +559,12 @@ def main(argv=None):
     args, extra = parse_cli(argv)
     try:
         spec, root, points = prepare(args, extra)
-        todo = [point for point in points if not point.finished]
+        results = args.results = pathlib.Path(args.results).resolve() if args.results else None
+        if results:
+            keep_finished(points, results)
+        if args.keep_only:
+            return 0
+        todo = [point for point in points if not point.finished and not (results and (results / point.name).exists())]
         print(f"sweep {spec['name']}: {len(points)} runs in {root}: {len(points) - len(todo)} already finished, "
               f"{len(todo)} to run", flush=True)
         failed = launch(todo, len(points), args) if todo else {}

@@ -549,3 +549,64 @@ def test_detectors_mode_without_recorded_streams_is_a_clear_error(tmp_path):
 def test_first_detection_in_a_window_tells_late_from_never():
     assert ar.first_in_window([10.0, 250.0, 900.0], 200.0, 800.0) == 50.0  # the one at 10 is before it
     assert math.isnan(ar.first_in_window([10.0, 900.0], 200.0, 800.0))  # the one at 900 is the next window's
+
+
+# ----------------------------------------------------------------- learning table against an anchor
+
+
+def single_task_run(path, task, seed, evals, trains, seconds, gz=False):
+    """A single-task run directory: eval rows {step: return}, train rows {step: return}, the
+    sweep's sweep_done.json (wall seconds); metrics.jsonl gzipped as kept results are."""
+    config = {"task": task, "seed": seed, "prefill": 1000, "action_repeat": 2, "eval_every": 8000}
+    rows = [{"step": s, "eval_return": r} for s, r in evals.items()] + [
+        {"step": s, "train_return": r} for s, r in trains.items()]
+    write_run(path, config, sorted(rows, key=lambda row: row["step"]))
+    if gz:
+        import gzip
+        with open(os.path.join(path, "metrics.jsonl"), "rb") as f, gzip.open(os.path.join(path, "metrics.jsonl.gz"), "wb") as g:
+            g.write(f.read())
+        os.remove(os.path.join(path, "metrics.jsonl"))
+    with open(os.path.join(path, "sweep_done.json"), "w") as f:
+        json.dump({"seconds": seconds, "cpu": "Test CPU"}, f)
+    return str(path)
+
+
+def test_learning_table_sets_each_seed_beside_the_anchor(tmp_path):
+    """The table takes each run's last eval at or before the anchor's step (not a later one, not
+    one further back than eval_every), the training episodes of the 5K steps before it, the
+    anchor's mean and range over its seeds, and reads gzipped metrics like plain ones."""
+    anchor = tmp_path / "anchor.csv"
+    anchor.write_text("task,seed,env_steps,return\n" + "".join(
+        f"dmc_ball_in_cup_catch,{seed},{step},{value}\n"
+        for seed, values in enumerate([(100, 500), (300, 700), (200, 900)]) for step, value in zip((50000, 100000), values)))
+    runs = [single_task_run(tmp_path / f"s{seed}", "dmc_cup_catch", seed,
+                            {42000: 1.0 + seed, 50000: 10.0 + seed, 58000: 99.0, 98000: 20.0 * (seed + 1)},
+                            {46002: 4.0, 49002: 6.0 + seed, 51002: 999.0}, seconds=600 * (seed + 1), gz=seed == 1)
+            for seed in range(3)]
+    out = tmp_path / "out"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert ar.main([*runs, "--anchor", str(anchor), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "learning_table.csv")))
+    at = {int(row["env_steps"]): row for row in rows}
+    assert set(at) == {50000, 100000}
+    assert at[50000]["seeds"] == "10 / 11 / 12" and float(at[50000]["mean"]) == pytest.approx(11.0)
+    assert at[100000]["seeds"] == "20 / 40 / 60"  # the evals at 98K, 2K before the anchor's step
+    assert float(at[50000]["anchor_mean"]) == pytest.approx(200.0)
+    assert (float(at[100000]["anchor_min"]), float(at[100000]["anchor_max"])) == (500.0, 900.0)
+    assert at[50000]["train_seeds"] == "5 / 6 / 6"  # (4 + 6 + seed) / 2, rounded; the episode after 50K left out
+    assert float(at[50000]["minutes"]) == pytest.approx(20.0)
+    assert "| cup_catch | 50K | 200 [100, 300] (3) | 11 ± 1 | 10 / 11 / 12 |" in printed.getvalue()
+    assert (out / "learning.png").stat().st_size > 0
+
+
+def test_learning_table_misses_a_run_that_stopped_early(tmp_path):
+    anchor = tmp_path / "anchor.csv"
+    anchor.write_text("task,seed,env_steps,return\ndmc_cartpole_balance,0,50000,400\ndmc_cartpole_balance,0,100000,800\n")
+    run = single_task_run(tmp_path / "r", "dmc_cartpole_balance", 0, {26000: 5.0, 34000: 7.0}, {}, 60)
+    with pytest.raises(SystemExit, match="no run has an eval at an env step of the anchor"):
+        ar.main([run, "--anchor", str(anchor), "--out", str(tmp_path / "out")])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("task,steps\nx,1\n")
+    with pytest.raises(SystemExit, match="no column env_steps, return, seed"):
+        ar.main([run, "--anchor", str(bad), "--out", str(tmp_path / "out")])

@@ -13,12 +13,14 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -200,6 +202,59 @@ def test_a_logdir_being_trained_is_not_trained_twice(tmp_path):
     assert result["rc"] is None
     assert result["error"] == f"pid 4242 is already training {logdir}"
     assert not (logdir / sweep.LOG).exists()
+
+
+def fake_finished_run(logdir, args):
+    """A logdir as a finished sweep run leaves it: config, metrics, LLCD scores, the sweep's files."""
+    logdir.mkdir(parents=True)
+    (logdir / "config.yaml").write_text("task: dmc_cartpole_balance\nseed: 0\n")
+    (logdir / "metrics.jsonl").write_text("".join(json.dumps({"step": 2 * i, "eval_return": i / 3}) + "\n"
+                                                  for i in range(50)))
+    scores = {"step": np.arange(1000, dtype=np.int64), "latent_kl": np.random.default_rng(0).gamma(2.0, size=1000)
+              .astype(np.float32)}
+    np.savez(logdir / "llcd_scores.npz", **scores)
+    (logdir / sweep.LOG).write_text(f"=== 2026-01-01T00:00:00 {sys.executable} {ROOT / 'dreamer.py'} {' '.join(args)}\n")
+    (logdir / sweep.DONE).write_text(json.dumps({"args": args, "seconds": 123.4, "finished": "2026-01-01T01:00:00"}))
+    return scores
+
+
+def test_kept_results_are_compact_complete_and_name_the_code_that_ran(tmp_path):
+    import gzip
+    point = sweep.Point("seed0", BASE + ["--seed", "0"], tmp_path / "runs" / "seed0")
+    scores = fake_finished_run(point.logdir, point.args)
+    results = tmp_path / "results"
+    assert sweep.keep_finished([point], results) == 1
+    kept = results / "seed0"
+    assert sorted(path.name for path in results.iterdir()) == ["seed0"]  # no temp folder left
+    assert (kept / "config.yaml").read_bytes() == (point.logdir / "config.yaml").read_bytes()
+    assert gzip.decompress((kept / "metrics.jsonl.gz").read_bytes()) == (point.logdir / "metrics.jsonl").read_bytes()
+    with np.load(kept / "llcd_scores.npz") as data:
+        assert data["latent_kl"].dtype == np.float16 and data["step"].dtype == np.int64
+        np.testing.assert_array_equal(data["step"], scores["step"])
+        np.testing.assert_allclose(data["latent_kl"], scores["latent_kl"], rtol=1e-3)
+    assert (kept / "llcd_scores.npz").stat().st_size < 0.5 * (point.logdir / "llcd_scores.npz").stat().st_size
+    info = json.loads((kept / "run.json").read_text())
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert info["commit"].split("+")[0] == head and info["args"] == point.args and info["seconds"] == 123.4
+    assert "cores" in info["cpu"]
+    assert sweep.keep_finished([point], results) == 0  # kept once
+
+
+def test_runs_whose_results_are_kept_are_skipped_even_without_their_logdir(tmp_path, monkeypatch, capsys):
+    launched = []
+    monkeypatch.setattr(sweep, "launch", lambda points, total, args: launched.append(points) or {})
+    root, results = tmp_path / "root", tmp_path / "results"
+    argv = BASE + ["--grid", "seed=0,1", "--root", str(root), "--results", str(results), "--no-analysis"]
+    fake_finished_run(root / "seed0", BASE + ["--seed", "0"])
+    assert sweep.main(argv + ["--keep-only"]) == 0
+    assert not launched and (results / "seed0" / "run.json").exists() and not (results / "seed1").exists()
+    shutil.rmtree(root)  # another machine: only the kept results are there
+    assert sweep.main(argv) == 0
+    assert [point.name for point in launched[0]] == ["seed1"]
+    assert "1 already finished, 1 to run" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        sweep.main(BASE + ["--grid", "seed=0", "--keep-only"])
+    assert "--keep-only keeps results in --results" in capsys.readouterr().err
 
 
 def test_without_address_the_sweep_starts_its_own_ray_even_beside_a_running_cluster(monkeypatch):
