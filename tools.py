@@ -3,7 +3,8 @@ the environment driver, optimisers, precision, checkpoints and seeding.
 
 Config: ``configs.yaml`` holds ``defaults`` and named blocks; ``--configs a b``
 merges blocks left to right, then ``--key value`` / ``--block.key value``
-overrides any leaf. Every key must exist in ``defaults`` and keep its type;
+overrides any leaf. A block's ``base: [x, y]`` merges blocks x then y before
+its own keys. Every key must exist in ``defaults`` and keep its type;
 mistakes raise ``ConfigError`` naming the key and the closest valid one.
 
 Replay: steps are stored as they arrive, in fixed-size chunks that live in
@@ -25,7 +26,9 @@ import io
 import json
 import os
 import pathlib
+import pickle
 import random
+import re
 import shutil
 import sys
 import time
@@ -193,21 +196,47 @@ def node_key(node, part):
 
 
 def load_config(argv, path=ROOT / "configs.yaml"):
-    """Compose defaults, the --configs blocks and the --key overrides into a Config."""
+    """Compose defaults, the --configs blocks (each after its bases) and the --key overrides into a Config."""
     blocks_file = read_yaml(path)
     blocks, overrides = parse_args(argv)
     config = dict(blocks_file["defaults"])
     for name in blocks:
-        if name == "defaults" or name not in blocks_file:
-            valid = [b for b in blocks_file if b != "defaults"]
-            raise ConfigError(f"unknown config block '{name}'{suggest(name, valid)}; blocks: {', '.join(valid)}")
-        config = merge(config, blocks_file[name], "")
+        config = apply_block(config, blocks_file, name)
     for key, raw in overrides:
         apply_override(config, key, raw)
     config["configs"] = blocks
     validate(config)
     config["precision"] = resolve_precision(config["precision"], config["device"])
     return Config(config)
+
+
+def apply_block(config, blocks_file, name, chain=()):
+    """Merge block ``name`` into ``config``: the blocks of its ``base`` first (recursively,
+    left to right), then its own keys. ``chain``: the blocks whose bases led here."""
+    if name in chain:
+        raise ConfigError(f"config block '{name}' builds on itself: {' -> '.join((*chain, name))}; "
+                          "remove one of these 'base' entries")
+    own = dict(find_block(blocks_file, name, chain))
+    for base in base_names(own.pop("base", []), name):
+        config = apply_block(config, blocks_file, base, (*chain, name))
+    return merge(config, own, "")
+
+
+def find_block(blocks_file, name, chain):
+    """The block ``name`` of configs.yaml; ConfigError naming the closest block if there is none."""
+    if name != "defaults" and name in blocks_file:
+        return blocks_file[name]
+    valid = [b for b in blocks_file if b != "defaults"]
+    where = f" in the base of '{chain[-1]}'" if chain else ""
+    raise ConfigError(f"unknown config block '{name}'{where}{suggest(name, valid)}; blocks: {', '.join(valid)}")
+
+
+def base_names(base, name):
+    """The block names of block ``name``'s ``base``, which must be a list of names."""
+    if not isinstance(base, list) or not all(isinstance(b, str) for b in base):
+        raise ConfigError(f"'base' of config block '{name}' must be a list of block names, e.g. base: [size_s]; "
+                          f"got {base!r}")
+    return base
 
 
 def resolve_precision(precision, device):
@@ -415,14 +444,69 @@ def atomic_write_bytes(path, data):
         raise
 
 
+# Checkpoints never run code. torch.load(weights_only=True) rebuilds tensors, numbers, strings,
+# None and plain containers, and refuses anything else without calling it. NumPy arrays and scalars
+# (replay chunks being filled, RNG and detector states) are written as tagged tensors
+# ({NUMPY_TAG: tensor, "scalar": bool}) and turned back on load, dtype and value exact.
+NUMPY_TAG = "__numpy__"
+
+
+class UnsafeCheckpointError(Exception):
+    """A checkpoint that torch.load(weights_only=True) refuses: it was not loaded, nothing in it ran."""
+
+
 def save_checkpoint(path, payload):
     buffer = io.BytesIO()
-    torch.save(payload, buffer)
+    torch.save(to_safe(payload), buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path, device):
-    return torch.load(path, map_location=device, weights_only=False)
+    """The payload of a checkpoint written by ``save_checkpoint``; raises UnsafeCheckpointError for a
+    file that holds anything else (a crafted pickle, or a checkpoint of a version before this form)."""
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} holds objects that a checkpoint of this project never holds "
+            f"({found.group(1) if found else 'not plain data'}); it was refused and nothing in it ran. "
+            "Checkpoints of versions before weights-only loading are refused the same way: start the run over"
+        ) from None
+    return from_safe(payload)
+
+
+def to_safe(value):
+    """``value`` with every NumPy array or scalar inside it (dicts, lists, tuples) as a tagged tensor."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        if value.dtype.kind not in "biuf":
+            raise TypeError(f"a checkpoint holds no {value.dtype} arrays (only booleans and numbers)")
+        return {NUMPY_TAG: torch.from_numpy(np.array(value)), "scalar": isinstance(value, np.generic)}
+    if isinstance(value, dict):
+        return rebuild_dict(value, to_safe)
+    if type(value) in (list, tuple):
+        return type(value)(to_safe(item) for item in value)
+    return value
+
+
+def from_safe(value):
+    """Undo ``to_safe``: tagged tensors back to NumPy arrays and scalars."""
+    if isinstance(value, dict) and NUMPY_TAG in value:
+        array = value[NUMPY_TAG].cpu().numpy()
+        return array[()] if value["scalar"] else array
+    if isinstance(value, dict):
+        return rebuild_dict(value, from_safe)
+    if type(value) in (list, tuple):
+        return type(value)(from_safe(item) for item in value)
+    return value
+
+
+def rebuild_dict(value, convert):
+    """A dict of the same type (a module state dict's OrderedDict keeps its ``_metadata``), values converted."""
+    out = type(value)((key, convert(item)) for key, item in value.items())
+    if hasattr(value, "_metadata"):
+        out._metadata = value._metadata
+    return out
 
 
 # Settings a checkpoint is tied to: the network shapes, the data its replay and counters describe,
@@ -796,7 +880,7 @@ class Replay:
         ``<name>.npz.corrupt``, so the folder keeps mirroring memory)."""
         path = self.directory / f"{name}.npz"
         try:
-            with np.load(path) as data:
+            with np.load(path, allow_pickle=False) as data:  # an object array is refused, never unpickled
                 chunk = {key: data[key] for key in data.files}
             if any(len(value) != self.chunk for value in chunk.values()):
                 raise ValueError(f"it does not hold {self.chunk} steps (another replay_chunk?)")
@@ -1052,7 +1136,7 @@ def autocast(precision, device):
 
 
 def probe_accuracy(features, iterations=300, seed=0):
-    """How well a linear classifier tells tasks apart from features (SPEC §6.6).
+    """How well a linear classifier tells tasks apart from features (docs/design.md#llcd-logs).
 
     ``features``: {task: (n, D) array in time order}. A multinomial logistic regression
     is fitted on the first half of every task's rows and scored on the second half (a
