@@ -1,4 +1,4 @@
-"""Sweeps: every point of a config grid is one dreamer.py run, distributed with Ray (SPEC §8).
+"""Sweeps: every point of a config grid is one dreamer.py run, distributed with Ray (docs/design.md#scale).
 
     python sweep.py --configs dmc_crl_cartpole small --grid llcd=True,False seed=0,1,2
     python sweep.py --file sweep.yaml --address auto --cpus-per-run 4 --gpus-per-run 1
@@ -424,7 +424,7 @@ def keep_results(point, results):
         shutil.copyfileobj(src, dst)
     scores = point.logdir / "llcd_scores.npz"
     if scores.exists():
-        with np.load(scores) as data:
+        with np.load(scores, allow_pickle=False) as data:
             np.savez_compressed(temp / scores.name, **{key: data[key].astype(np.float16) if data[key].dtype.kind == "f"
                                                         else data[key] for key in data.files})
     done = json.loads((point.logdir / DONE).read_text())

@@ -431,6 +431,48 @@ def test_checkpoint_with_an_episode_replay_is_a_clear_error(finished_run, tmp_pa
     assert "episode replay" in message and "--logdir" in message
 
 
+class CreatesFile:
+    """Unpickling it calls open(path, 'w'): a stand-in for code a crafted checkpoint would run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_checkpoint_whose_pickle_runs_code_is_refused_by_resume_and_eval_only(finished_run, tmp_path):
+    logdir = copy_run(finished_run, tmp_path)
+    marker = tmp_path / "created_by_the_checkpoint"
+    payload = tools.load_checkpoint(logdir / "latest.pt", "cpu")
+    payload["note"] = CreatesFile(marker)
+    torch.save(payload, logdir / "latest.pt")  # written as a crafted file would be, not by save_checkpoint
+    before = chunk_names(logdir)
+    resumed = run_command(command("--steps", "600", "--logdir", str(logdir)))
+    assert_one_line_error(resumed, "latest.pt holds objects that a checkpoint of this project never holds",
+                          "nothing in it ran")
+    evaluated = run_command([sys.executable, "dreamer.py", "--eval_only", "True", "--checkpoint",
+                             str(logdir / "latest.pt"), "--device", "cpu"])
+    assert_one_line_error(evaluated, "holds objects that a checkpoint of this project never holds")
+    assert not marker.exists() and chunk_names(logdir) == before
+    torch.load(logdir / "latest.pt", weights_only=False)  # the power of the test: a full unpickle runs it
+    assert marker.exists()
+
+
+def test_a_replay_chunk_holding_an_object_array_is_skipped_without_unpickling(finished_run, tmp_path):
+    logdir = copy_run(finished_run, tmp_path)
+    marker = tmp_path / "created_by_the_chunk"
+    victim = sorted((logdir / "train_eps").glob("*.npz"))[0]
+    with np.load(victim) as data:
+        chunk = {key: data[key] for key in data.files}
+    chunk["reward"] = np.array([CreatesFile(marker)] * len(chunk["reward"]), dtype=object)
+    np.savez(victim, **chunk)
+    with pytest.warns(UserWarning, match=f"skipping unreadable replay chunk {victim.name}.*allow_pickle"):
+        replay = tools.Replay(logdir / "train_eps", 10 ** 6, chunk=len(chunk["reward"])).load()
+    assert not marker.exists() and victim.stem not in replay.chunks and replay.num_chunks > 0
+    assert victim.with_name(victim.name + ".corrupt").exists()
+
+
 def test_eval_only_with_flags_contradicting_the_checkpoint_is_an_error(finished_run):
     message = exit_message(["--eval_only", "True", "--checkpoint", str(finished_run / "latest.pt"),
                             "--task", "dmc_cup_catch", "--device", "cpu"])

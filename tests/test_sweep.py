@@ -23,7 +23,6 @@ import time
 import numpy as np
 import pytest
 import ray
-import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -47,7 +46,7 @@ def attempts(logdir):
 
 
 def agent_step(logdir):
-    return torch.load(logdir / "latest.pt", map_location="cpu", weights_only=False)["agent_step"]
+    return sweep.tools.load_checkpoint(logdir / "latest.pt", "cpu")["agent_step"]
 
 
 # ----------------------------------------------------------------- grid parsing

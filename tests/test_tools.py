@@ -333,11 +333,18 @@ def test_checkpoint_round_trip(tmp_path):
     path = tmp_path / "latest.pt"
     model = torch.nn.Linear(3, 2)
     payload = {"agent": model.state_dict(), "agent_step": 123, "nested": {"a": [1, 2.5, "x"]},
-               "array": np.arange(6).reshape(2, 3), "rng": tools.rng_states()}
+               "array": np.arange(6).reshape(2, 3), "rng": tools.rng_states(),
+               "numpy": (np.float32(0.1), np.zeros(4, np.uint32), np.array([True, False]), np.float16(2.5)),
+               "generator": np.random.default_rng(3).bit_generator.state}
     tools.save_checkpoint(path, payload)
+    torch.load(path, weights_only=True)  # plain data only
     loaded = tools.load_checkpoint(path, "cpu")
     assert loaded["agent_step"] == 123 and loaded["nested"] == {"a": [1, 2.5, "x"]}
     np.testing.assert_array_equal(loaded["array"], payload["array"])
+    for before, after in zip(payload["numpy"], loaded["numpy"]):  # dtype, kind (scalar or array) and value exact
+        assert type(after) is type(before) and after.dtype == before.dtype and np.array_equal(after, before)
+    assert loaded["generator"] == payload["generator"]
+    torch.nn.Linear(3, 2).load_state_dict(loaded["agent"])
     for key, value in model.state_dict().items():
         assert torch.equal(loaded["agent"][key], value)
     assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]  # no temp file left
