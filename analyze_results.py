@@ -54,7 +54,7 @@ import json
 import math
 import os
 import sys
-from collections import Counter, namedtuple
+from collections import Counter
 from dataclasses import dataclass
 
 import matplotlib
@@ -69,6 +69,7 @@ from matplotlib.ticker import EngFormatter  # noqa: E402
 from rliable import library as rly, metrics as rly_metrics, plot_utils as rly_plots  # noqa: E402
 
 import detector  # noqa: E402
+from crl_schedule import Schedule, Window, forgetting  # noqa: E402
 from detector import detection_report, resolve_max_delay  # noqa: E402
 
 PROG = "analyze_results"
@@ -107,54 +108,6 @@ def fail(message: str) -> None:
 
 # ----------------------------------------------------------------- schedule and runs
 
-Window = namedtuple("Window", "index task start end")  # schedule entry ``index``: ``task`` on env steps [start, end)
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """The task schedule of one run, read from its config."""
-
-    tasks: tuple
-    steps_per_task: int
-    prefill: int
-    action_repeat: int
-
-    @classmethod
-    def from_config(cls, config: dict) -> "Schedule":
-        return cls(tuple(int(t) for t in config.get("crl_tasks") or ()), int(config.get("crl_steps_per_task") or 0),
-                   int(config.get("prefill") or 0), int(config.get("action_repeat") or 1))
-
-    def windows(self) -> list:
-        """Every window in env steps (one open window on task 0 without crl_tasks)."""
-        start, span = self.prefill * self.action_repeat, self.steps_per_task * self.action_repeat
-        if not self.tasks:
-            return [Window(0, 0, float(start), math.inf)]
-        return [Window(j, t, float(start + j * span), float(start + (j + 1) * span)) for j, t in enumerate(self.tasks)]
-
-    def first_windows(self) -> dict:
-        """{task: its first window}, tasks in order of first appearance."""
-        firsts = {}
-        for window in self.windows():
-            firsts.setdefault(window.task, window)
-        return firsts
-
-    def forgettable_tasks(self) -> list:
-        """Tasks first trained before the last window (the last-trained task cannot be forgotten yet)."""
-        last = len(self.windows()) - 1
-        return [t for t, window in self.first_windows().items() if window.index != last]
-
-    def switches(self) -> list:
-        """Windows j >= 1 whose task differs from window j-1's."""
-        wins = self.windows()
-        return [w for prev, w in zip(wins, wins[1:]) if w.task != prev.task]
-
-    def describe(self) -> str:
-        tail = f"prefill={self.prefill}, action_repeat={self.action_repeat}"
-        if not self.tasks:
-            return f"single task, {tail}"
-        return f"crl_tasks={list(self.tasks)}, crl_steps_per_task={self.steps_per_task}, {tail}"
-
-
 @dataclass
 class Run:
     """One loaded run: its config and {key: (steps, values)} arrays sorted by step."""
@@ -167,7 +120,7 @@ class Run:
         self.schedule = Schedule.from_config(self.config)
         self.seed, self.domain = self.config.get("seed"), domain_of(self.config.get("task", ""))
         self.last_step = float(max((s[-1] for s, _ in self.scalars.values() if len(s)), default=0.0))
-        self.complete = not self.schedule.tasks or self.last_step >= self.schedule.windows()[-1].end
+        self.complete = not self.schedule.tasks or self.last_step >= self.schedule.windows()[-1].end_env_step
         self.uses_llcd = bool(self.config.get("llcd")) or DETECTION_KEY in self.scalars
         self.has_eval_rows = any(k == "eval_return" or k.startswith("task_") and k.endswith("_eval_return")
                                  for k in self.scalars)
@@ -286,24 +239,16 @@ def nanmean(values: list) -> float:
 
 
 def best_in_window(curve: pd.Series, window: Window) -> float:
-    return float(in_window(curve, window.start, window.end).max())
-
-
-def forgetting(curve: pd.Series, first_end: float) -> tuple:
-    """(F_i, F_i^max) given the end of task i's first window; NaN while that window is unfinished."""
-    before = curve[curve.index <= first_end]
-    if not len(before) or curve.index[-1] < first_end:
-        return math.nan, math.nan
-    return float(before.iloc[-1] - curve.iloc[-1]), float(before.max() - curve.iloc[-1])
+    return float(in_window(curve, window.start_env_step, window.end_env_step).max())
 
 
 def convergence_steps(curve: pd.Series, window: Window) -> float:
     """Env steps from the window start to the first eval reaching 90% of the window's best."""
-    points = in_window(curve, window.start, window.end)
+    points = in_window(curve, window.start_env_step, window.end_env_step)
     if not len(points):
         return math.nan
     best = points.max()
-    return float(points[points >= best - (1 - CONVERGENCE_FRACTION) * abs(best)].index[0] - window.start)
+    return float(points[points >= best - (1 - CONVERGENCE_FRACTION) * abs(best)].index[0] - window.start_env_step)
 
 
 def normalised_auc(curve: pd.Series, start: float, length: float) -> float:
@@ -324,7 +269,7 @@ def reference_auc(refs: list, task: int, domain: str, length: float) -> float:
     """Mean AUC of the matching reference runs over ``length`` env steps from their prefill."""
     aucs = []
     for ref in (r for r in refs if r.reference_task == task and r.domain == domain):
-        curve, start = ref.eval_curve(task), ref.schedule.windows()[0].start
+        curve, start = ref.eval_curve(task), ref.schedule.windows()[0].start_env_step
         if len(curve) and curve.index[-1] - start < length:
             warn(f"reference {ref.path} covers {curve.index[-1] - start:.0f} of the "
                  f"{length:.0f} env steps of task {task}'s window")
@@ -336,8 +281,9 @@ def forward_transfer_metrics(run: Run, refs: list, curves: dict) -> dict:
     """FT_i = (AUC_i - AUC_i^ref) / (1 - AUC_i^ref) per task (NaN when undefined) and their mean."""
     out = {}
     for task, window in run.schedule.first_windows().items():
-        auc = normalised_auc(curves[task], window.start, window.end - window.start)
-        ref = reference_auc(refs, task, run.domain, window.end - window.start) if math.isfinite(auc) else math.nan
+        length = window.end_env_step - window.start_env_step
+        auc = normalised_auc(curves[task], window.start_env_step, length)
+        ref = reference_auc(refs, task, run.domain, length) if math.isfinite(auc) else math.nan
         out[f"forward_transfer/task{task}"] = (auc - ref) / (1 - ref) if math.isfinite(ref) and ref != 1 else math.nan
     out["forward_transfer/mean"] = nanmean(list(out.values()))
     return out
@@ -348,8 +294,9 @@ def llcd_metrics(run: Run) -> dict:
     misses, false alarms per 100K agent steps, probe accuracy."""
     repeat, switches = run.schedule.action_repeat, run.schedule.switches()
     max_delay = resolve_max_delay(run.config.get("llcd_max_delay", 0), run.config.get("time_limit", 1000), repeat)
-    report = detection_report(run.detection_steps() / repeat, [(w.start / repeat, w.end / repeat) for w in switches],
-                              run.last_step / repeat, max_delay, FALSE_ALARM_UNIT)
+    spans = [(w.start_agent_step, w.end_agent_step) for w in switches]
+    report = detection_report(run.detection_steps() / repeat, spans, run.last_step / repeat, max_delay,
+                              FALSE_ALARM_UNIT)
     out = {f"llcd_delay_agent_steps/switch{w.index}_task{w.task}": d for w, d in zip(switches, report["delays"])}
     return {**out, "llcd_delay_agent_steps/median": report["median_delay"], "llcd_hit_rate": report["hit_rate"],
             "llcd_chance_hit_rate": report["chance_hit_rate"], "llcd_misses": float(report["misses"]),
@@ -367,7 +314,7 @@ def compute_run_metrics(run: Run, refs: list | None = None) -> dict:
                     for w in sched.windows()})
     out.update({f"final_return/task{t}": last_value(c) for t, c in curves.items()})
     out["avg_performance/final"] = last_value(average_performance(list(curves.values())))
-    drops = {t: forgetting(curves[t], w.end) for t, w in firsts.items()}
+    drops = {t: forgetting(curves[t].items(), w.end_env_step) for t, w in firsts.items()}
     for i, name in enumerate(("forgetting", "forgetting_max")):
         out.update({f"{name}/task{t}": drop[i] for t, drop in drops.items()})
         out[f"{name}/mean"] = nanmean([drops[t][i] for t in sched.forgettable_tasks()])
@@ -454,9 +401,10 @@ def select_runs(groups: list, include_incomplete: bool) -> list:
             if not run.has_eval_rows:
                 warn(f"{run.path}: no eval rows (task_k_eval_return / eval_return); skipped")
             elif not run.complete:
+                end = run.schedule.windows()[-1].end_env_step
                 warn(f"{run.path}: incomplete, stops at env step {run.last_step:.0f} before the schedule ends at "
-                     f"{run.schedule.windows()[-1].end:.0f}; " + ("kept (--include-incomplete)" if include_incomplete
-                                                                 else "left out (--include-incomplete keeps it)"))
+                     f"{end:.0f}; " + ("kept (--include-incomplete)" if include_incomplete
+                                       else "left out (--include-incomplete keeps it)"))
         group.runs = [r for r in group.runs if r.has_eval_rows and (r.complete or include_incomplete)]
         repeated = [s for s, c in Counter(r.seed for r in group.runs).items() if c > 1]
         if repeated:
@@ -602,13 +550,13 @@ def draw_task_switches(ax, groups: list, task: int | None) -> None:
     """Dashed lines at window starts labelled Tk; ``task``'s windows shaded."""
     starts = {}
     for window in (w for g in groups for w in g.schedule.windows()):
-        starts.setdefault(window.start, window)
+        starts.setdefault(window.start_env_step, window)
     for start, window in sorted(starts.items()):
         ax.axvline(start, color="0.35", linestyle="--", linewidth=0.9, zorder=1)
         ax.text(start, 1.005, f"T{window.task}", transform=ax.get_xaxis_transform(), ha="center", va="bottom",
                 fontsize=8.5, color="0.25", clip_on=False)
-        if window.task == task and math.isfinite(window.end):
-            ax.axvspan(window.start, window.end, color="0.92", zorder=0, linewidth=0)
+        if window.task == task and math.isfinite(window.end_env_step):
+            ax.axvspan(window.start_env_step, window.end_env_step, color="0.92", zorder=0, linewidth=0)
 
 
 def draw_detections(ax, groups: list, palette: dict) -> None:
@@ -787,10 +735,11 @@ def detector_rows(run: Run, defaults: dict) -> tuple:
     """(one strict-scoring row per candidate score x detector, one row per switch of each) of one run's
     recorded stream."""
     settings = {**defaults, **run.config}
-    with np.load(os.path.join(run.path, SCORES_FILE)) as data:  # kept results hold float16 scores
+    with np.load(os.path.join(run.path, SCORES_FILE), allow_pickle=False) as data:  # kept results: float16
         stream = {key: data[key] if key == "step" else data[key].astype(np.float32) for key in data.files}
     repeat = run.schedule.action_repeat
-    switches = [(w.start / repeat, w.end / repeat) for w in run.schedule.switches()]
+    switches = [(float(w.start_agent_step), float(w.end_agent_step))  # floats, as switches.csv writes them
+                for w in run.schedule.switches()]
     max_delay = resolve_max_delay(settings["llcd_max_delay"], settings["time_limit"], repeat)
     steps = int(stream["step"][-1]) + 1 if len(stream["step"]) else 0
     changes = switch_changes(run, settings)

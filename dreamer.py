@@ -39,6 +39,7 @@ import exploration
 import models
 import networks
 import tools
+from crl_schedule import Schedule, forgetting
 from envs import atari, crafter, dmc, memorymaze, wrappers
 
 
@@ -193,78 +194,11 @@ def set_task(envs, task):
         env.call("set_task", task)
 
 
-# ----------------------------------------------------------------- continual schedule
-
-
-class Schedule:
-    """Which task the train envs run at each agent step (SPEC §5).
-
-    Entry j of ``crl_tasks`` covers agent steps [prefill + j*spt, prefill + (j+1)*spt);
-    prefill runs on the first task. Without ``crl_tasks`` the run is single-task.
-    """
-
-    def __init__(self, config):
-        self.tasks = list(config.crl_tasks)
-        self.steps_per_task = config.crl_steps_per_task
-        self.prefill = config.prefill
-        self.ramp = config.get("crl_ramp", 0)
-
-    @property
-    def active(self):
-        return bool(self.tasks)
-
-    @property
-    def total_agent_steps(self):
-        return self.prefill + len(self.tasks) * self.steps_per_task
-
-    @property
-    def unique_tasks(self):
-        return list(dict.fromkeys(self.tasks))
-
-    def task_at(self, agent_step):
-        index = max(0, agent_step - self.prefill) // self.steps_per_task
-        return self.tasks[min(index, len(self.tasks) - 1)]
-
-    def next_boundary(self, agent_step):
-        """First window end after ``agent_step`` (None past the last one)."""
-        for index in range(1, len(self.tasks) + 1):
-            end = self.prefill + index * self.steps_per_task
-            if end > agent_step:
-                return end
-        return None
-
-    def blend_at(self, agent_step):
-        """(previous task, task, fraction) while the physics ramps into a window after a switch
-        (``crl_ramp`` agent steps, in 100 equal increments), else None."""
-        for _, start, _ in self.switches() if self.ramp else []:
-            if start <= agent_step < start + self.ramp:
-                window = (start - self.prefill) // self.steps_per_task
-                return self.tasks[window - 1], self.tasks[window], (agent_step - start) * 100 // self.ramp / 100
-        return None
-
-    def first_window_end(self, task):
-        return self.prefill + (self.tasks.index(task) + 1) * self.steps_per_task
-
-    def switches(self):
-        """(window index, start, end) in agent steps of every window whose task differs
-        from the previous window's."""
-        return [(j, self.prefill + j * self.steps_per_task, self.prefill + (j + 1) * self.steps_per_task)
-                for j in range(1, len(self.tasks)) if self.tasks[j] != self.tasks[j - 1]]
-
-
-def forgetting(history, window_end, now_value):
-    """F = p(e) - p(T) and F_max = max_{t<=e} p(t) - p(T) from [(agent_step, return), ...]."""
-    before = [value for step, value in history if step <= window_end]
-    if not before:
-        return None, None
-    return before[-1] - now_value, max(before) - now_value
-
-
 # ----------------------------------------------------------------- LLCD
 
 
 class ChangeMonitor:
-    """LLCD bookkeeping of a run (SPEC §6): the live score streams, the change detector,
+    """LLCD bookkeeping of a run (docs/design.md#llcd): the live score streams, the change detector,
     the adaptation gate and the agent steps of every detection.
 
     Each training policy call gives one value per candidate score (``WorldModel.surprise``):
@@ -324,19 +258,19 @@ class ChangeMonitor:
         return out
 
     def switch_scalars(self, schedule, agent_step):
-        """Strict detection scores so far (SPEC §6.6): delay (agent steps) per switch detected
+        """Strict detection scores so far (docs/design.md#llcd-scoring): delay (agent steps) per switch detected
         within ``llcd_max_delay``, misses among switches past that deadline, hit rate and its
         chance level, false alarms per 100K agent steps."""
-        switches = [(j, start, end) for j, start, end in schedule.switches() if start <= agent_step]
-        report = detector.detection_report(self.detections, [(start, end) for _, start, end in switches],
-                                           agent_step, self.max_delay)
+        switches = [w for w in schedule.switches() if w.start_agent_step <= agent_step]
+        spans = [(w.start_agent_step, w.end_agent_step) for w in switches]
+        report = detector.detection_report(self.detections, spans, agent_step, self.max_delay)
         out = {"llcd_false_alarms_per_100k": report["false_alarms_per_unit"], "llcd_misses": float(report["misses"])}
         for key in ("hit_rate", "chance_hit_rate"):
             if math.isfinite(report[key]):
                 out[f"llcd_{key}"] = report[key]
-        for (j, _, _), delay in zip(switches, report["delays"]):
+        for window, delay in zip(switches, report["delays"]):
             if math.isfinite(delay):
-                out[f"llcd_delay_window_{j}"] = delay
+                out[f"llcd_delay_window_{window.index}"] = delay
         return out
 
     def state_dict(self):
@@ -372,7 +306,7 @@ class Run:
         self.updates = 0
         self.nonfinite_updates = 0  # updates in which an optimiser skipped a non-finite step
         self.nonfinite_streak = 0  # such updates in a row
-        self.schedule = Schedule(config)
+        self.schedule = Schedule.from_config(config)
         self.eval_history = {}  # task -> [(agent_step, eval return)]
         self.task = None  # task the train envs run now
         self.pending_task = {}  # env index -> task to apply at its next reset (crl_switch: episode)
@@ -398,7 +332,7 @@ class Run:
         self.driver = tools.Driver(self.train_envs, self.replay, before_reset=self.apply_pending_task)
         self.blend = None  # (previous task, task, fraction) the train envs run during a ramp
         if self.schedule.active:
-            self.task = self.schedule.task_at(self.agent_step)
+            self.task = self.schedule.window_at(self.agent_step).task
             set_task(self.train_envs, self.task)
             self.follow_ramp()
         self.last = {"log": self.env_step, "eval": self.restored_eval, "ckpt": self.env_step, "time": time.time(),
@@ -417,14 +351,15 @@ class Run:
     # -- continual schedule
 
     def follow_schedule(self):
-        if self.schedule.active and self.schedule.task_at(self.agent_step) != self.task:
-            self.switch_task(self.schedule.task_at(self.agent_step), self.config.crl_switch == "immediate")
+        task = self.schedule.window_at(self.agent_step).task
+        if self.schedule.active and task != self.task:
+            self.switch_task(task, self.config.crl_switch == "immediate")
         self.follow_ramp()
 
     def follow_ramp(self):
         """During a ``crl_ramp`` move the train envs' physics one increment at a time toward the
         window's task; at the ramp's end they run exactly that task."""
-        blend = self.schedule.blend_at(self.agent_step) if self.schedule.active else None
+        blend = self.schedule.blend_at(self.agent_step, self.config.get("crl_ramp", 0))
         if blend == self.blend:
             return
         for env in self.train_envs if blend else []:
@@ -551,15 +486,14 @@ class Run:
         """Every ``eval_every`` env steps, and at every task boundary of the schedule."""
         if self.last["eval"] is None or self.env_step - self.last["eval"] >= self.config.eval_every:
             return True
-        at_boundary = self.schedule.active and self.schedule.next_boundary(self.agent_step - 1) == self.agent_step
+        at_boundary = self.schedule.next_boundary_agent_step(self.agent_step - 1) == self.agent_step
         return at_boundary and self.last["eval"] != self.env_step
 
     def steps_to_next_stop(self):
         """Agent steps until the next eval point, task boundary or the end of the run."""
         cfg = self.config
-        stops = [self.last["eval"] // cfg.action_repeat + cfg.eval_every // cfg.action_repeat, self.total_agent_steps]
-        if self.schedule.active and self.schedule.next_boundary(self.agent_step):
-            stops.append(self.schedule.next_boundary(self.agent_step))
+        stops = [self.last["eval"] // cfg.action_repeat + cfg.eval_every // cfg.action_repeat, self.total_agent_steps,
+                 self.schedule.next_boundary_agent_step(self.agent_step)]  # math.inf past the last boundary
         return max(min(stops) - self.agent_step, 1)
 
     def train_due_updates(self):
@@ -688,7 +622,7 @@ class Run:
         """Eval on every task of the schedule (eval envs only) and log the forgetting metrics
         and, with LLCD, the detection report and how well z tells the tasks apart."""
         current, contexts = {}, {}
-        for task in self.schedule.unique_tasks:
+        for task in self.schedule.first_windows():
             set_task(self.eval_envs, task)
             current[task], contexts[task] = self.log_eval(f"task_{task}_eval", self.eval_envs)
             self.eval_history.setdefault(task, []).append((self.agent_step, current[task]))
@@ -699,12 +633,9 @@ class Run:
             if len(contexts) > 1:
                 self.logger.scalar("llcd_probe_accuracy", tools.probe_accuracy(contexts))
         drops = []
-        for task, value in current.items():
-            end = self.schedule.first_window_end(task)
-            if self.agent_step < end:
-                continue
-            drop, drop_max = forgetting(self.eval_history[task], end, value)
-            if drop is not None:
+        for task, window in self.schedule.first_windows().items():
+            drop, drop_max = forgetting(self.eval_history[task], window.end_agent_step)
+            if not math.isnan(drop):  # NaN while the task's first window is unfinished
                 self.logger.scalar(f"crl_forgetting_task_{task}", drop)
                 self.logger.scalar(f"crl_forgetting_max_task_{task}", drop_max)
                 drops.append(drop)
@@ -785,6 +716,8 @@ def check_rendering(config):
 def read_checkpoint(path, device):
     try:
         return tools.load_checkpoint(path, device)
+    except tools.UnsafeCheckpointError as error:
+        raise tools.ConfigError(str(error)) from None
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
         raise tools.ConfigError(f"cannot read checkpoint {path} ({type(error).__name__}: {one_line(error)}); "
                                 "move it away to start the run over") from None

@@ -7,6 +7,7 @@ transitions), action_repeat 2, so task j of [0, 1, 2, 3] covers agent steps
 (100 + 100 j, 200 + 100 j] and the switches are logged at env steps 400, 600, 800.
 """
 
+import math
 import os
 import sys
 
@@ -16,7 +17,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import dreamer  # noqa: E402
+from crl_schedule import Schedule  # noqa: E402
 from envs import dmc  # noqa: E402
 import tools  # noqa: E402
 from runs import crash_training_at, read_rows, replay_steps, run_main  # noqa: E402
@@ -37,22 +38,21 @@ def task_sequence(logdir):
 
 
 def test_schedule_windows():
-    config = tools.load_config(CRL)
-    schedule = dreamer.Schedule(config)
+    schedule = Schedule.from_config(tools.load_config(CRL))
     assert schedule.total_agent_steps == PREFILL + 4 * SPT
-    assert [schedule.task_at(s) for s in (0, 100, 199, 200, 299, 300, 499, 500)] == [0, 0, 0, 1, 1, 2, 3, 3]
-    assert schedule.next_boundary(100) == 200 and schedule.next_boundary(500) is None
-    assert schedule.first_window_end(2) == 400
+    assert [schedule.window_at(s).task for s in (0, 100, 199, 200, 299, 300, 499, 500)] == [0, 0, 0, 1, 1, 2, 3, 3]
+    assert schedule.next_boundary_agent_step(100) == 200 and schedule.next_boundary_agent_step(500) == math.inf
+    assert schedule.first_windows()[2].end_agent_step == 400 and schedule.first_windows()[2].end_env_step == 800
 
 
 def test_ramp_blends_in_100_increments_after_each_switch():
     config = tools.load_config(CRL + ["--crl_ramp", "50"])
-    schedule = dreamer.Schedule(config)
+    schedule, ramp = Schedule.from_config(config), config.crl_ramp
     # the switch into window 1 (task 1) is at agent step 200
-    assert schedule.blend_at(199) is None and schedule.blend_at(250) is None
-    assert schedule.blend_at(200) == (0, 1, 0.0) and schedule.blend_at(201) == (0, 1, 0.02)
-    assert schedule.blend_at(249) == (0, 1, 0.98) and schedule.blend_at(300) == (1, 2, 0.0)
-    assert dreamer.Schedule(tools.load_config(CRL)).blend_at(200) is None
+    assert schedule.blend_at(199, ramp) is None and schedule.blend_at(250, ramp) is None
+    assert schedule.blend_at(200, ramp) == (0, 1, 0.0) and schedule.blend_at(201, ramp) == (0, 1, 0.02)
+    assert schedule.blend_at(249, ramp) == (0, 1, 0.98) and schedule.blend_at(300, ramp) == (1, 2, 0.0)
+    assert schedule.blend_at(200, tools.load_config(CRL).crl_ramp) is None
 
 
 def test_a_ramped_run_moves_the_physics_gradually_then_runs_the_task(tmp_path, monkeypatch):
@@ -73,11 +73,6 @@ def test_a_ramped_run_moves_the_physics_gradually_then_runs_the_task(tmp_path, m
     ramp = [g for g in seen if -25.0 < g < -9.81]
     assert len(ramp) == 49 and all(np.diff(ramp) < 0)  # fractions 0.02 .. 0.98 between the two ends
     assert seen[-1] == pytest.approx(-25.0)
-
-
-def test_forgetting_definitions():
-    history = [(100, 10.0), (200, 50.0), (300, 40.0), (400, 5.0)]
-    assert dreamer.forgetting(history, window_end=300, now_value=5.0) == (35.0, 45.0)
 
 
 @pytest.mark.parametrize("args, message", [

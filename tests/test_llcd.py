@@ -1,4 +1,4 @@
-"""LLCD (SPEC §6): the context encoder, the adaptation gate, the surprise score, the
+"""LLCD (docs/design.md#llcd): the context encoder, the adaptation gate, the surprise score, the
 detection report, the probe, ``--llcd False`` and a tiny end-to-end continual run."""
 
 import copy
@@ -13,6 +13,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from crl_schedule import Schedule  # noqa: E402
 import detector  # noqa: E402
 import dreamer  # noqa: E402
 import models  # noqa: E402
@@ -362,7 +363,7 @@ def test_monitor_detects_a_jump_opens_the_gate_and_reports_the_delay():
         monitor.observe({"obs_nll": scores, "latent_kl": scores}, step)
     assert monitor.detections == [jump_at + 3]  # patience 4: declared on the 4th alarming step
     assert monitor.gate.open and monitor.gate.remaining == 10
-    schedule = dreamer.Schedule(tools.Config({"crl_tasks": [0, 1], "crl_steps_per_task": 250, "prefill": 50}))
+    schedule = Schedule.from_config({"crl_tasks": [0, 1], "crl_steps_per_task": 250, "prefill": 50})
     scalars = monitor.switch_scalars(schedule, 600)
     assert scalars["llcd_delay_window_1"] == 3 and scalars["llcd_misses"] == 0
     assert scalars["llcd_false_alarms_per_100k"] == 0 and scalars["llcd_hit_rate"] == 1.0
