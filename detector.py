@@ -1,7 +1,8 @@
 """LLCD change detector: an adaptive, one-sided 3-sigma rule on a score stream.
 
-The agent feeds one surprise score per live policy step (the world model's
-NLL of the observation under its one-step prior prediction, see SPEC §6).
+The agent feeds one surprise score per live policy step (``llcd_score``, by default
+``latent_kl``; see docs/design.md#llcd-score). This rule is the ``threshold`` detector;
+the default is ``CusumDetector`` below (docs/design.md#llcd-detector).
 A change of the environment's dynamics shows up as a sustained rise of that
 score; the detector raises a change exactly once per such rise.
 
@@ -57,12 +58,13 @@ class ChangeDetector:
 
     Defaults (scores are NLLs in nats, one per agent step):
 
-    * ``history_window=500``: the SPEC's window; long enough that the baseline
+    * ``history_window=500``: the original design's window
+      (docs/design.md#llcd-detector); long enough that the baseline
       std is estimated to a few percent, short enough that the baseline follows
       a slow drift of the score while the world model keeps learning (a drift
       of 1e-3 std per step lags the window mean by only ~0.25 std; drifts up
       to ~0.03 std per step were measured to be absorbed without alarms).
-    * ``sigma=3.0``: the SPEC's 3-sigma rule.
+    * ``sigma=3.0``: the original design's 3-sigma rule.
     * ``patience=8``: measured per-step rates of threshold crossings on
       i.i.d. noise at these defaults are ~0.0017 (Gaussian), ~0.012
       (Student-t, 3 dof) and up to ~0.11 for strongly right-skewed scores
@@ -291,7 +293,8 @@ class CusumDetector:
 
     S = max(0, S + min(z, Z_CLIP) - drift); a change is declared when S > h. The clip makes
     one spike add at most Z_CLIP - drift: surprise streams are heavy-tailed, a persistent
-    rise is not a single spike. h is set for ``false_alarms_per_100k`` by Siegmund's
+    rise is not a single spike. h is set for ``false_alarms_per_100k`` (per 100K scores; see
+    ``from_config`` for agent steps) by Siegmund's
     approximation of the in-control average run length, ARL0 = (exp(2 k b) - 2 k b - 1) /
     (2 k^2) with k = drift, b = h + 1.166 (the clip only lowers the in-control rate).
     ``drift`` is half the smallest shift (in long-run std) it is built to catch quickly.
@@ -407,7 +410,7 @@ def cusum_threshold(drift, arl0):
 
 
 class AdaptationGate:
-    """When LLCD's context encoder trains (SPEC §6.5).
+    """When LLCD's context encoder trains (docs/design.md#llcd-gate).
 
     ``mode``: ``always`` (open on every update), ``never`` (closed: z is inferred by a
     frozen, randomly initialised encoder) or ``detector``: ``trigger()`` (a detected
@@ -466,12 +469,19 @@ class ScoreFilter:
 def from_config(config, name=None):
     """The detector ``name`` (default ``llcd_detector``) with the run config's LLCD settings:
     the adaptive sigma rule (``threshold``) or ``cusum`` (its baseline lags by
-    ``llcd_max_delay``). ``config``: any mapping."""
+    ``llcd_max_delay``). ``config``: any mapping.
+
+    A detector sees one score per policy call, and a call steps all ``envs`` train envs, so a
+    call is ``envs`` agent steps. The settings that scoring measures in agent steps, the false-
+    alarm rate (per 100K agent steps) and the baseline lag (``llcd_max_delay``, the detection
+    deadline), are turned into calls here; the others count calls."""
     name = name or config["llcd_detector"]
     if name == "cusum":
-        lag = resolve_max_delay(config["llcd_max_delay"], config["time_limit"], config["action_repeat"])
-        return CusumDetector(config["llcd_burn_in"], config["llcd_cusum_drift"], config["llcd_false_alarms_per_100k"],
-                             config["llcd_cooldown"], config["llcd_cusum_window"], lag)
+        envs = config["envs"]
+        lag = math.ceil(resolve_max_delay(config["llcd_max_delay"], config["time_limit"], config["action_repeat"]) / envs)
+        return CusumDetector(config["llcd_burn_in"], config["llcd_cusum_drift"],
+                             config["llcd_false_alarms_per_100k"] * envs, config["llcd_cooldown"],
+                             config["llcd_cusum_window"], lag)
     return ChangeDetector(config["llcd_history_window"], config["llcd_sigma"], config["llcd_patience"],
                           config["llcd_burn_in"], config["llcd_std_floor"], config["llcd_cooldown"])
 
@@ -485,7 +495,7 @@ DETECTORS = ("threshold", "cusum")
 
 
 def detection_report(detections, switches, steps, max_delay, unit=100_000):
-    """Strict scoring of declared changes against the scheduled switches (SPEC §6.6).
+    """Strict scoring of declared changes against the scheduled switches (docs/design.md#llcd-scoring).
 
     ``detections``, ``switches`` (start, end) of every window that begins with a task switch,
     ``steps`` (how far the run got) and ``max_delay`` are in agent steps. A switch is detected

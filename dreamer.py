@@ -215,7 +215,7 @@ class ChangeMonitor:
 
     def __init__(self, config):
         self.detector = detector.from_config(config)
-        self.gate = detector.AdaptationGate(config.llcd_gate, config.llcd_adapt_updates)
+        self.gate = detector.AdaptationGate(config.llcd_gate, adapt_window_updates(config))
         self.max_delay = detector.resolve_max_delay(config.llcd_max_delay, config.time_limit, config.action_repeat)
         self.score_name = config.llcd_score
         self.recent = detector.score_filter(config)
@@ -285,6 +285,15 @@ class ChangeMonitor:
         self.detections = list(state["detections"])
         for key, values in state.get("stream", {}).items():  # absent in older checkpoints
             self.stream[key] = list(values)
+
+
+def adapt_window_updates(config):
+    """Updates the LLCD gate stays open after a detection: ``llcd_adapt_fraction`` of the updates
+    of one task window (of the whole run without ``crl_tasks``), rounded up, so that it means the
+    same in a short run and a long one."""
+    agent_steps = config.crl_steps_per_task if config.crl_tasks else config.steps // config.action_repeat - config.prefill
+    updates = agent_steps * config.train_ratio / (config.batch_size * config.batch_length)
+    return math.ceil(config.llcd_adapt_fraction * updates)
 
 
 def finite_mean(values):

@@ -132,7 +132,7 @@ class WorldModel(nn.Module):
 
     @torch.no_grad()
     def surprise(self, post, data):
-        """LLCD candidate scores of live steps (SPEC §6.1, §6.6), each (N,) float32 with NaN
+        """LLCD candidate scores of live steps (docs/design.md#llcd-score), each (N,) float32 with NaN
         where ``is_first``. post: state after ``obs_step`` (N, ...); the prior is the one-step
         prediction from the previous posterior and action (``deter`` of post).
         - ``obs_nll``: NLL of the observation under the decoder applied to the prior's mode;

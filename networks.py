@@ -591,7 +591,7 @@ class RSSM(nn.Module):
 
 
 class ContextEncoder(nn.Module):
-    """LLCD context latent: a Gaussian z inferred from the last K transitions (SPEC §6.3).
+    """LLCD context latent: a Gaussian z inferred from the last K transitions (docs/design.md#llcd-context).
 
     Transition j is (e_{j-1}, a_j, e_j): the embeddings before and after action a_j, so
     a feature of it can carry how the world responded to the action (the physics).

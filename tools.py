@@ -257,7 +257,10 @@ def validate(config):
     for key in positive:
         if config[key] <= 0:
             raise ConfigError(f"'{key}' must be > 0, got {config[key]}")
-    for key in ("prefill", "eval_episode_num", "llcd_adapt_updates", "llcd_scale", "llcd_beta",
+    if not 0 <= config["llcd_adapt_fraction"] <= 1:
+        raise ConfigError(f"'llcd_adapt_fraction' is a fraction of a task window's updates: give a value in [0, 1], "
+                          f"got {config['llcd_adapt_fraction']}")
+    for key in ("prefill", "eval_episode_num", "llcd_scale", "llcd_beta",
                 "llcd_std_floor", "llcd_cooldown", "llcd_max_delay"):
         if config[key] < 0:
             raise ConfigError(f"'{key}' must be >= 0, got {config[key]}")

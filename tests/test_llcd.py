@@ -352,7 +352,7 @@ def dreamer_act_space():
 def test_monitor_detects_a_jump_opens_the_gate_and_reports_the_delay():
     config = llcd_config("--llcd_detector", "threshold", "--llcd_burn_in", "50", "--llcd_history_window", "100",
                          "--llcd_patience", "4",
-                         "--llcd_adapt_updates", "10", "--llcd_cooldown", "100")
+                         "--llcd_adapt_fraction", "0.05", "--llcd_cooldown", "100")
     monitor = dreamer.ChangeMonitor(config)
     rng = np.random.default_rng(0)
     jump_at = 300
@@ -362,6 +362,7 @@ def test_monitor_detects_a_jump_opens_the_gate_and_reports_the_delay():
         scores[0] = np.nan if step % 100 == 0 else scores[0]  # an env at an episode start
         monitor.observe({"obs_nll": scores, "latent_kl": scores}, step)
     assert monitor.detections == [jump_at + 3]  # patience 4: declared on the 4th alarming step
+    # 0.05 of the run's 200 updates: (400 / 2 - 100) agent steps x 128 / (4 x 16)
     assert monitor.gate.open and monitor.gate.remaining == 10
     schedule = Schedule.from_config({"crl_tasks": [0, 1], "crl_steps_per_task": 250, "prefill": 50})
     scalars = monitor.switch_scalars(schedule, 600)
@@ -384,6 +385,47 @@ def test_monitor_with_cusum_finds_a_one_std_rise_the_sigma_rule_misses():
         found[name] = [step for step in monitor.detections if 1500 <= step <= 1500 + monitor.max_delay]
         assert ("llcd_cusum" in monitor.log_scalars()) == (name == "cusum")
     assert found["cusum"] and not found["threshold"], found
+
+
+def in_control_run_length(envs, seed):
+    """Agent steps from the moment a CUSUM built from the run config (target 100 false alarms per
+    100K agent steps) is ready to its first alarm on a stationary stream, one score per call of
+    ``envs`` envs."""
+    instance = detector.from_config(llcd_config("--envs", str(envs), "--llcd_false_alarms_per_100k", "100"), "cusum")
+    rng, ready = np.random.default_rng(seed), None
+    for call in range(10 ** 6):
+        if instance.update(rng.normal()):
+            return (call - ready) * envs
+        ready = call if ready is None and instance.ready else ready
+    raise AssertionError("no false alarm in 1M calls")
+
+
+def test_cusum_rate_and_lag_are_per_agent_step_whatever_the_number_of_envs():
+    """One call steps every env, so with envs: 2 a call is 2 agent steps: the mean in-control run
+    length in agent steps stays the same (about 1000, within the spread of 60 seeds), and the
+    baseline lag is the detection deadline in agent steps, not twice it."""
+    one, two = ([in_control_run_length(envs, seed) for seed in range(60)] for envs in (1, 2))
+    assert 0.75 < np.mean(two) / np.mean(one) < 1.33, (np.mean(one), np.mean(two))
+    for envs in (1, 2):
+        config = llcd_config("--envs", str(envs))
+        deadline = detector.resolve_max_delay(config.llcd_max_delay, config.time_limit, config.action_repeat)
+        lag = detector.from_config(config, "cusum").lag
+        assert lag * envs >= deadline > (lag - 1) * envs
+
+
+def test_the_gate_window_is_a_fraction_of_a_task_window_in_short_and_long_runs():
+    """llcd_adapt_fraction 0.1 of a window's updates (agent steps x train_ratio / (batch_size x
+    batch_length) = steps x 128 / 64 in the debug block): 1000 and 10000-step windows give 200 and
+    2000 updates; a single-task run's window is its whole training (400 env steps: 100 agent steps
+    after prefill, 200 updates)."""
+    for steps, updates in ((1000, 200), (10000, 2000)):
+        config = llcd_config("--crl_tasks", "[0, 1]", "--crl_steps_per_task", str(steps), "--llcd_adapt_fraction", "0.1")
+        monitor = dreamer.ChangeMonitor(config)
+        monitor.gate.trigger()
+        assert monitor.gate.remaining == updates
+    assert dreamer.adapt_window_updates(llcd_config("--llcd_adapt_fraction", "0.1")) == 20
+    with pytest.raises(tools.ConfigError, match="llcd_adapt_fraction"):
+        llcd_config("--llcd_adapt_fraction", "1.5")
 
 
 def test_detection_report_is_strict_hand_computed():
@@ -438,7 +480,7 @@ def test_probe_accuracy_separates_tasks_and_is_near_chance_without_signal():
 
 CRL = ["--configs", "dmc_crl_cartpole", "debug", "--crl_tasks", "[0, 3]", "--crl_steps_per_task", "100",
        "--train_ratio", "16", "--eval_every", "100", "--device", "cpu", "--threads", "1", "--llcd", "True",
-       "--llcd_burn_in", "20", "--llcd_history_window", "40", "--llcd_adapt_updates", "5"]
+       "--llcd_burn_in", "20", "--llcd_history_window", "40", "--llcd_adapt_fraction", "0.2"]
 
 
 def test_llcd_run_logs_score_gate_probe_and_resumes_the_detector(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Replay as DreamerV3 does it (SPEC §3, §5): steps stored as they arrive in fixed-size
+"""Replay as DreamerV3 does it (docs/design.md#replay): steps stored as they arrive in fixed-size
 chunks, windows drawn uniformly over stored steps across episode boundaries, the running
 episode trainable after one chunk, reservoir exact for any episode length, the LLCD
 context steps before a window, and the on-disk mirror.
