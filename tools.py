@@ -422,10 +422,13 @@ def compile_available():
 
 
 def default_logdir(config):
+    """logdir/<task>-<blocks>-llcd<bool>[-gate<mode>]-seed<n>[-random]: the LLCD gate ablations
+    and a random baseline get folders of their own, so none resumes another's run."""
     blocks = "-".join(config.configs) or "defaults"
     llcd = config.get("llcd", False)
+    gate = f"-gate{config.llcd_gate}" if llcd and config.get("llcd_gate", "detector") != "detector" else ""
     policy = "-random" if config.get("eval_policy") == "random" else ""  # a baseline's own folder
-    return ROOT / "logdir" / f"{config.task}-{blocks}-llcd{llcd}-seed{config.seed}{policy}"
+    return ROOT / "logdir" / f"{config.task}-{blocks}-llcd{llcd}{gate}-seed{config.seed}{policy}"
 
 
 # ----------------------------------------------------------------- files
@@ -521,7 +524,7 @@ CHECKPOINT_KEYS = (
               ("mlp_layers", "mlp_units", "cnn_depth", "kernel_size", "minres")),
     "actor.layers", "critic.layers", "reward_head.layers", "cont_head.layers", "expl_behavior",
     "disag_target", "disag_models", "disag_layers", "disag_units", "disag_action_cond",
-    "llcd", "llcd_context_len", "llcd_context_dim", "llcd_units",
+    "llcd", "llcd_gate", "llcd_context_len", "llcd_context_dim", "llcd_units",
 )
 
 

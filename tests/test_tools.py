@@ -172,6 +172,13 @@ def test_default_logdir_names_task_blocks_llcd_and_seed():
     baseline = tools.load_config(["--configs", "debug", "--task", "dmc_cartpole_balance", "--seed", "3",
                                   "--eval_only", "True", "--eval_policy", "random"])
     assert tools.default_logdir(baseline).name == "dmc_cartpole_balance-debug-llcdFalse-seed3-random"
+    names = {gate: tools.default_logdir(tools.load_config(["--configs", "debug", "--llcd", "True", "--llcd_gate", gate]))
+             .name for gate in ("detector", "always", "never")}
+    assert len(set(names.values())) == 3 and "gatealways" in names["always"]  # an ablation never resumes another arm
+    saved = tools.load_config(["--configs", "debug", "--llcd", "True"]).to_dict()
+    with pytest.raises(tools.ConfigError, match=r"llcd_gate 'detector' \(saved\) vs 'always' \(given\)"):
+        tools.check_checkpoint_config("latest.pt", saved, tools.load_config(["--configs", "debug", "--llcd", "True",
+                                                                             "--llcd_gate", "always"]), "")
 
 
 def test_cli_error_is_one_line_without_traceback():
