@@ -916,9 +916,10 @@ def render_learning_table(table: pd.DataFrame) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in table.to_dict("records"):
         reached = " / ".join("yes" if r[key] >= r["anchor_mean"] else "no" for key in ("mean", "train_mean"))
+        spread = f" ± {r['std']:.0f}" if math.isfinite(r["std"]) else ""  # one seed: no spread
         lines.append(f"| {r['task'].removeprefix('dmc_')} | {r['env_steps'] // 1000}K | {r['anchor_mean']:.0f} "
-                     f"[{r['anchor_min']:.0f}, {r['anchor_max']:.0f}] ({r['anchor_seeds']}) | {r['mean']:.0f} ± "
-                     f"{r['std']:.0f} | {r['seeds']} | {r['train_seeds']} | {reached} | {r['minutes']:.0f} |")
+                     f"[{r['anchor_min']:.0f}, {r['anchor_max']:.0f}] ({r['anchor_seeds']}) | {r['mean']:.0f}{spread} | "
+                     f"{r['seeds']} | {r['train_seeds']} | {reached} | {r['minutes']:.0f} |")
     return "\n".join(lines)
 
 

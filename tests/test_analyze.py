@@ -610,3 +610,25 @@ def test_learning_table_misses_a_run_that_stopped_early(tmp_path):
     bad.write_text("task,steps\nx,1\n")
     with pytest.raises(SystemExit, match="no column env_steps, return, seed"):
         ar.main([run, "--anchor", str(bad), "--out", str(tmp_path / "out")])
+
+
+def test_the_learning_table_regenerates_from_the_committed_results(tmp_path):
+    """The command of docs/results/learning-table.md on the kept results in the repo: every kept
+    run is in the table, at 50K env steps with the eval its metrics hold (read here as raw JSON)."""
+    import gzip
+    results = os.path.join(ROOT, "studies", "results", "learning_table")
+    anchor = os.path.join(ROOT, "studies", "anchors", "dreamerv3_dmc_proprio.csv")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "analyze_results.py", results, "--anchor", anchor, "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(open(out / "learning_table.csv")))
+    runs = sorted(os.listdir(results))
+    assert runs
+    for run in runs:
+        with gzip.open(os.path.join(results, run, "metrics.jsonl.gz"), "rt") as f:
+            evals = {row["step"]: row["eval_return"] for row in map(json.loads, f) if "eval_return" in row}
+        task = YAML(typ="safe", pure=True).load(open(os.path.join(results, run, "config.yaml")))["task"]
+        row = next(r for r in rows if r["task"] == task and int(r["env_steps"]) == 50000)
+        assert f"{evals[50000]:.0f}" in row["seeds"].split(" / "), (run, row["seeds"])
+    assert (out / "learning.png").stat().st_size > 0
