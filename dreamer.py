@@ -293,7 +293,7 @@ def adapt_window_updates(config):
     same in a short run and a long one."""
     agent_steps = config.crl_steps_per_task if config.crl_tasks else config.steps // config.action_repeat - config.prefill
     updates = agent_steps * config.train_ratio / (config.batch_size * config.batch_length)
-    return math.ceil(config.llcd_adapt_fraction * updates)
+    return math.ceil(round(config.llcd_adapt_fraction * updates, 6))  # round: 0.07 * 100 is 7.000000000000001
 
 
 def finite_mean(values):

@@ -251,8 +251,8 @@ class ImagBehavior(nn.Module):
         critic = self.critic(feats)  # over (H+1, N); one forward serves actor and critic losses
         value = critic.mode()  # (H+1, N)
         returns = lambda_return(reward, value, discount, cfg.discount_lambda)  # (H, N)
-        first = start["cont"].flatten()[None]  # (1, N): a terminal start state has nothing ahead
-        weights = first * torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-1]]), 0)
+        alive = start["cont"].flatten()[None]  # (1, N): a terminal start state has nothing ahead
+        weights = alive * torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-1]]), 0)
         scale = self.update_return_scale(returns)
         adv = (returns - value[:-1]) / scale  # (H, N); dynamics backprop also through v(s_t)
         policy_term = adv if log_probs is None else log_probs * adv.detach()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README "Results" table of the continual-learning study (studies/crl.yaml), from its runs:
+# The results table of the continual-learning pilot (studies/crl.yaml; docs/results/2026-12-06-crl-pilot.md), from its runs:
 #   python sweep.py --file studies/crl.yaml --cpus-per-run 1
 #   bash studies/crl_analyze.sh [SWEEP_ROOT]        (default logdir/sweep-crl; writes SWEEP_ROOT/study)
 # Groups: domain x LLCD arm x replay; references: the single-task runs; P(improvement) of each
