@@ -868,11 +868,6 @@ def train_return_near(run: Run, step: float, span: float = 5000.0) -> float:
     return float(near.mean()) if len(near) else math.nan
 
 
-def finite_mean(values: list) -> float:
-    finite = [x for x in values if math.isfinite(x)]
-    return float(np.mean(finite)) if finite else math.nan
-
-
 def run_facts(run: Run) -> dict:
     """Wall seconds and CPU of a run: run.json of kept results, else the sweep's sweep_done.json."""
     for name in ("run.json", "sweep_done.json"):
@@ -900,10 +895,10 @@ def learning_rows(runs: list, anchor: pd.DataFrame) -> pd.DataFrame:
             trained = [train_return_near(r, step) for r in ordered]
             rows.append({"task": task, "env_steps": int(step), "anchor_mean": theirs["return"].mean(),
                          "anchor_min": theirs["return"].min(), "anchor_max": theirs["return"].max(),
-                         "anchor_seeds": len(theirs), "mean": finite_mean(ours),
-                         "std": np.nanstd(ours, ddof=1) if np.isfinite(ours).sum() > 1 else math.nan,
+                         "anchor_seeds": len(theirs), "mean": nanmean(ours),
+                         "std": float(pd.Series(ours, dtype=float).std()),  # NaN with fewer than 2 seeds
                          "seeds": " / ".join(f"{x:.0f}" for x in ours), "seed_ids": [r.seed for r in ordered],
-                         "train_mean": finite_mean(trained), "train_seeds": " / ".join(f"{x:.0f}" for x in trained),
+                         "train_mean": nanmean(trained), "train_seeds": " / ".join(f"{x:.0f}" for x in trained),
                          "minutes": np.mean([f["seconds"] / 60 for f in facts if "seconds" in f] or [math.nan]),
                          "cpu": "; ".join(sorted({f["cpu"] for f in facts if "cpu" in f}))})
     return pd.DataFrame(rows)
@@ -923,7 +918,7 @@ def render_learning_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def plot_learning(runs: list, anchor: pd.DataFrame, table: pd.DataFrame, path: str) -> None:
+def plot_learning(runs: list, table: pd.DataFrame, path: str) -> None:
     """Our eval curves per task (one line per seed) with the anchor's mean and range at its steps."""
     tasks = list(dict.fromkeys(table["task"]))
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 2.8), squeeze=False, sharey=True)
@@ -950,14 +945,15 @@ def learning_table(runs: list, anchor_path: str, out: str) -> int:
     table = learning_rows(runs, read_anchor(anchor_path))
     if table.empty:
         fail("no run has an eval at an env step of the anchor file, or no task matches it")
-    print(render_learning_table(table))
+    rendered = render_learning_table(table)
+    print(rendered)
     cpus = sorted({cpu for cell in table["cpu"] for cpu in cell.split("; ") if cpu})
     print(f"\nCPU: {'; '.join(cpus) or 'not recorded'}")
     os.makedirs(out, exist_ok=True)
     table.to_csv(os.path.join(out, "learning_table.csv"), index=False)
     with open(os.path.join(out, "learning_table.md"), "w", encoding="utf-8") as f:
-        f.write(render_learning_table(table) + "\n")
-    plot_learning(runs, read_anchor(anchor_path), table, os.path.join(out, "learning.png"))
+        f.write(rendered + "\n")
+    plot_learning(runs, table, os.path.join(out, "learning.png"))
     info(f"wrote learning_table.md, learning_table.csv and learning.png to {out}/")
     return 0
 

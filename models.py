@@ -276,7 +276,7 @@ class ImagBehavior(nn.Module):
         reinforce = self.discrete or self.config.imag_gradient == "reinforce"
         keys = [key for key in ("deter", "stoch", "context") if key in start]
         state = {key: start[key].detach().flatten(0, 1) for key in keys}  # (N, ...)
-        states, actions, entropies, log_probs, clipped, stds = [state], [], [], [], [], []
+        states, actions, entropies, log_probs, samples, stds = [state], [], [], [], [], []
         for _ in range(horizon):
             dist = self.actor(dynamics.policy_feat(state).detach())
             sample = dist.sample()
@@ -288,11 +288,11 @@ class ImagBehavior(nn.Module):
             if reinforce:
                 log_probs.append(dist.log_prob(sample.detach()))
             if not self.discrete:
-                clipped.append((sample.detach().abs() > 1).float().mean())
-                stds.append(dist.std.detach().mean())
+                samples.append(sample.detach())
+                stds.append(dist.std.detach())
         states = {key: torch.stack([s[key] for s in states]) for key in keys}
         log_probs = torch.stack(log_probs) if reinforce else None
-        stats = {} if self.discrete else {"actor_clip_fraction": torch.stack(clipped).mean(),
+        stats = {} if self.discrete else {"actor_clip_fraction": (torch.stack(samples).abs() > 1).float().mean(),
                                           "actor_std": torch.stack(stds).mean()}
         return states, torch.stack(actions), torch.stack(entropies), log_probs, stats
 
