@@ -7,6 +7,7 @@
     python dreamer.py --configs crafter small
     python dreamer.py --configs memorymaze --task memorymaze_9x9
     python dreamer.py --eval_only True --checkpoint logdir/RUN/latest.pt
+    python dreamer.py --eval_only True --checkpoint logdir/RUN/latest.pt --eval_tasks [0,3]
     python dreamer.py --configs atari100k --task atari_breakout --eval_only True --eval_policy random
 
 The loop: prefill the replay with random actions, then alternate acting in
@@ -156,7 +157,8 @@ def make_env(config, mode, index):
 
 
 def dmc_env(config, name, seed):
-    task_defs = config.crl_task_defs if config.crl_tasks else None
+    continual = config.crl_tasks or config.get("eval_tasks")  # old checkpoints' configs lack eval_tasks
+    task_defs = config.crl_task_defs if continual else None
     return dmc.make(name, task_defs=task_defs, action_repeat=config.action_repeat, size=config.size,
                     camera=config.camera, seed=seed, pixels=config.pixels, fast_render=config.fast_render)
 
@@ -764,7 +766,8 @@ def eval_only(config):
     """Evaluate a saved agent: print returns and write eval_returns.json next to the checkpoint.
     The agent is built from the checkpoint's config; architecture flags given on the command
     line (those differing from the defaults) must agree with it. ``eval_policy: random``
-    evaluates uniform random actions instead (``eval_random``)."""
+    evaluates uniform random actions instead (``eval_random``); ``eval_tasks`` evaluates on
+    each of those physics tasks (``evaluate_and_write``)."""
     if config.eval_policy == "random":
         return eval_random(config)
     if not config.checkpoint or not pathlib.Path(config.checkpoint).exists():
@@ -777,31 +780,47 @@ def eval_only(config):
                                   fix="drop those flags (eval uses the checkpoint's config) or pick another one")
     saved = tools.Config(payload["config"])
     saved.update(device=config.device, eval_episode_num=config.eval_episode_num, parallel=config.parallel,
-                 eval_envs_max=config.eval_envs_max)
+                 eval_envs_max=config.eval_envs_max, eval_tasks=config.eval_tasks)
+    tools.validate_physics_tasks(saved, "eval_tasks")
     check_rendering(saved)
     envs = make_envs(saved, "eval", eval_env_count(saved))
     agent = Dreamer(envs[0].observation_space, envs[0].action_space, saved).to(config.device)
     load_agent(agent, payload, config.checkpoint, "pick another --checkpoint", optimizers=False)
-    returns, _, _ = evaluate(agent, envs, saved.eval_episode_num, False)
+    summary = evaluate_and_write(agent, saved, envs, pathlib.Path(config.checkpoint).parent,
+                                 checkpoint=str(config.checkpoint), task=saved.task,
+                                 env_step=payload["agent_step"] * saved.action_repeat)
     close_envs(envs)
-    out = pathlib.Path(config.checkpoint).with_name("eval_returns.json")
-    return write_eval_summary(out, returns, checkpoint=str(config.checkpoint), task=saved.task,
-                              env_step=payload["agent_step"] * saved.action_repeat)
+    return summary
 
 
 def eval_random(config):
     """The random-policy baseline: ``eval_episode_num`` episodes of uniform random actions on the
     task's eval envs, through ``evaluate`` as an agent's; eval_returns.json goes to the logdir."""
+    tools.validate_physics_tasks(config, "eval_tasks")
     check_rendering(config)
     logdir = pathlib.Path(config.logdir) if config.logdir else tools.default_logdir(config)
     setup_logdir(config, logdir, write_config=False)  # it may hold a training run's config
     envs = make_envs(config, "eval", eval_env_count(config))
     space = envs[0].action_space
     policy = exploration.Random(tools.action_shape(space)[0], isinstance(space, gym.spaces.Discrete))
-    returns, _, _ = evaluate(policy, envs, config.eval_episode_num, False)
+    summary = evaluate_and_write(policy, config, envs, logdir, policy="random", task=config.task, seed=config.seed)
     close_envs(envs)
-    return write_eval_summary(logdir / "eval_returns.json", returns, policy="random", task=config.task,
-                              seed=config.seed)
+    return summary
+
+
+def evaluate_and_write(actor, config, envs, folder, **info):
+    """Evaluate ``actor`` (an agent or a policy) on ``envs`` into ``folder``/eval_returns.json; with ``eval_tasks``, on
+    each of those physics tasks in turn, into eval_returns_task<k>.json (a list of summaries)."""
+    if not config.eval_tasks:
+        returns, _, _ = evaluate(actor, envs, config.eval_episode_num, False)
+        return write_eval_summary(folder / "eval_returns.json", returns, **info)
+    summaries = []
+    for task in config.eval_tasks:
+        set_task(envs, task)
+        returns, _, _ = evaluate(actor, envs, config.eval_episode_num, False)
+        summaries.append(write_eval_summary(folder / f"eval_returns_task{task}.json", returns,
+                                            physics_task=task, **info))
+    return summaries
 
 
 def write_eval_summary(path, returns, **info):

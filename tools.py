@@ -281,6 +281,7 @@ def validate(config):
     if config["crl_tasks"]:
         validate_schedule(config)
     validate_eval_policy(config)
+    validate_eval_tasks(config)
     if config["replay_chunk"] < config["batch_length"]:
         raise ConfigError(f"'replay_chunk' ({config['replay_chunk']}) must be >= 'batch_length' "
                           f"({config['batch_length']}): a window spans at most two chunks; raise replay_chunk")
@@ -300,6 +301,16 @@ def validate_eval_policy(config):
         raise ConfigError("'eval_policy: random' only evaluates (it trains nothing): add --eval_only True")
     if config["checkpoint"]:
         raise ConfigError("'eval_policy: random' evaluates no agent: drop --checkpoint")
+
+
+def validate_eval_tasks(config):
+    """``eval_tasks`` (physics tasks of crl_task_defs to evaluate on) belong to ``eval_only``; their
+    ids are checked against the evaluated run's task (``validate_physics_tasks``)."""
+    if not config["eval_tasks"]:
+        return
+    if not config["eval_only"]:
+        raise ConfigError("'eval_tasks' evaluates a saved agent (or random actions) on changed physics: "
+                          "add --eval_only True")
 
 
 def validate_task(task):
@@ -335,23 +346,31 @@ def validate_discrete_task(config, suite):
                           "continual runs need a DMC task such as dmc_cartpole_swingup")
 
 
-def validate_schedule(config):
-    """A continual schedule needs a continual env, known task ids and windows the envs hit exactly."""
+def validate_physics_tasks(config, key):
+    """The task ids in ``config[key]`` (if any) need a continual env for the task and entries in crl_task_defs."""
     from envs import dmc
 
-    domain, task = dmc.split_task_name(config["task"].split("_", 1)[1])
+    if not config[key]:
+        return
+    suite, rest = config["task"].split("_", 1)
+    domain, task = dmc.split_task_name(rest) if suite == "dmc" else (None, None)
     if task not in getattr(dmc.CONTINUAL_ENVS.get(domain), "SUITE_TASKS", ()):
         supported = ", ".join(f"dmc_{env.DOMAIN}_{name}" for env in dmc.CONTINUAL_ENVS.values()
                               for name in env.SUITE_TASKS)
-        raise ConfigError(f"task '{config['task']}' has no continual-physics env (crl_tasks is set); "
+        raise ConfigError(f"task '{config['task']}' has no continual-physics env ({key} is set); "
                           f"continual tasks: {supported}")
     try:
         known = list(dmc.parse_tasks(dmc.domain_tasks(config["crl_task_defs"], domain), domain))
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    unknown = [t for t in config["crl_tasks"] if t not in known]
+    unknown = [t for t in config[key] if t not in known]
     if unknown:
-        raise ConfigError(f"crl_tasks {unknown} are not defined for '{domain}'; crl_task_defs has ids {known}")
+        raise ConfigError(f"{key} {unknown} are not defined for '{domain}'; crl_task_defs has ids {known}")
+
+
+def validate_schedule(config):
+    """A continual schedule needs a continual env, known task ids and windows the envs hit exactly."""
+    validate_physics_tasks(config, "crl_tasks")
     if config["crl_steps_per_task"] <= 0:
         raise ConfigError("'crl_steps_per_task' must be > 0 when crl_tasks is set")
     envs = config["envs"]

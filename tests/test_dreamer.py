@@ -192,6 +192,29 @@ def test_random_baseline_evaluates_uniform_actions_without_a_checkpoint(monkeypa
     check_uniform(actions, discrete=task.startswith("atari_"))
 
 
+def test_eval_tasks_evaluate_on_each_changed_physics_in_turn(monkeypatch, tmp_path):
+    """--eval_tasks writes one summary per physics task, and each task's episodes ran on that
+    task's physics (the factors the env reports while stepping)."""
+    factors = []  # the physics factors of every eval step, in order
+    step = wrappers.InProcess.step
+
+    def recording_step(env, action):
+        factors.append(env.call("task_factors"))
+        return step(env, action)
+
+    monkeypatch.setattr(wrappers.InProcess, "step", recording_step)
+    run_main(["--time_limit", "200", "--task", "dmc_cartpole_balance", "--eval_only", "True", "--eval_policy",
+              "random", "--eval_tasks", "[3, 0]", "--eval_episode_num", "2", "--device", "cpu",
+              "--logdir", str(tmp_path)])
+    defs = tools.load_config([]).crl_task_defs.cartpole
+    assert factors == [defs[3]] * (2 * EPISODE_STEPS) + [defs[0]] * (2 * EPISODE_STEPS)
+    assert defs[3] != defs[0]
+    for task in (3, 0):
+        summary = json.loads((tmp_path / f"eval_returns_task{task}.json").read_text())
+        assert summary["physics_task"] == task and len(summary["returns"]) == 2
+    assert not (tmp_path / "eval_returns.json").exists()
+
+
 def check_uniform(actions, discrete):
     """(n, A) actions look uniform: one-hots of every index about equally often, or values spread
     evenly over [-1, 1]."""

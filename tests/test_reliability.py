@@ -495,6 +495,10 @@ BAD_INPUT = [
     (["--eval_only", "True", "--checkpoint", "missing.pt"], "--eval_only needs --checkpoint"),
     (["--eval_policy", "random"], "'eval_policy: random' only evaluates (it trains nothing): add --eval_only True"),
     (["--eval_only", "True", "--eval_policy", "random", "--checkpoint", "x.pt"], "drop --checkpoint"),
+    (["--eval_tasks", "[3]"], "'eval_tasks' evaluates a saved agent (or random actions) on changed physics"),
+    (["--eval_only", "True", "--eval_policy", "random", "--eval_tasks", "[0, 9]"], "eval_tasks [9] are not defined"),
+    (["--eval_only", "True", "--eval_policy", "random", "--eval_tasks", "[1]", "--task", "dmc_cheetah_run"],
+     "has no continual-physics env (eval_tasks is set)"),
 ]
 
 
