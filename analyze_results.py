@@ -21,8 +21,11 @@ P(t) = mean_i p_i(t) where every task was evaluated; forgetting F_i = p_i(e_i) -
 F_i^max = max_{t<=e_i} p_i(t) - p_i(T), missing while that window is unfinished (no eval at or after its
 end), their means over the tasks whose first window is not the schedule's last; forward transfer
 FT_i = (AUC_i - AUC_i^ref)/(1 - AUC_i^ref), AUC = trapezoidal mean of return/1000 over [s, s + L] of
-task i's first window, AUC^ref = mean over the reference runs (``crl_tasks: [i]``, same domain) over L
-env steps from their prefill; convergence: env steps from s to the first eval reaching 90% of the
+task i's first window, AUC^ref = mean over the reference runs of task i (same domain, schedule starting
+with i: ``crl_tasks: [i]`` or a continual run's first window) over L env steps from their prefill; recovery
+R_j = mean p_k(t) over the eval points in the first half of window j (a switch, task k) / the references'
+mean return on k at the end of their first window; switch cost C_j = 1 - p_k(s_j) / p_k'(s_j) (k' the
+task of window j-1), both at the eval at the switch s_j; convergence: env steps from s to the first eval reaching 90% of the
 window's best; final model loss: mean of the last 10 values; LLCD, strict and in agent steps (env steps /
 action_repeat): a switch (window j >= 1 with another task than j-1) is hit by the first detection within
 ``llcd_max_delay`` (0: one episode), else missed; other detections are false alarms (per 100K agent
@@ -32,8 +35,8 @@ Runs are grouped by (domain, llcd, replay) or the ``--group-by`` keys (dotted ke
 configs); seeds are the repeats; a run with another schedule than its group's most common one forms its
 own group. A run that stops before its schedule ends is named in a warning and left out unless
 ``--include-incomplete``. Across seeds: mean and sample std (ddof=1); IQM with 95% stratified-bootstrap
-CIs (rliable, seeded) of final return, average performance, forgetting and forward transfer (runs x
-tasks); ``--compare A B`` (repeatable): the probability that group A improves on group B on each (less
+CIs (rliable, seeded) of final return, average performance, forgetting, forward transfer (runs x tasks)
+and recovery (runs x switches); ``--compare A B`` (repeatable): the probability that group A improves on group B on each (less
 forgetting is better). Outputs in ``--out``: the tables on the console, results.csv, results_per_run.csv,
 results_iqm.csv, results.md, compare.csv, final_results_grid_shaded.png (mean, 95% bootstrap CI band,
 task switches), curve_*.png per curve, bars_*.png per per-task metric, iqm_intervals.png (rliable's IQM and
@@ -80,12 +83,15 @@ FALSE_ALARM_UNIT = 100_000  # agent steps
 DEFAULT_GROUP_KEYS = ("domain", "llcd", "replay")
 BOOTSTRAP_REPS, BOOTSTRAP_SEED = 2000, 0
 CURVE_POINTS, PLOT_BOOT = 200, 300  # plotted grid points per curve, bootstrap resamples per plotted CI
-AGGREGATES = {"final_return": 1, "avg_performance": 1, "forgetting": -1, "forward_transfer": 1}  # 1: higher is better
+AGGREGATES = {"final_return": 1, "avg_performance": 1, "forgetting": -1, "forward_transfer": 1,
+              "recovery": 1}  # 1: higher is better
 DETECTION_KEY, SCORE_KEY, PROBE_KEY, LOSS_KEY = "llcd_detection", "llcd_score", "llcd_probe_accuracy", "model_loss"
 FAMILY_TITLES = {"best_return": "Best return in the task's first window", "final_return": "Final return",
                  "forgetting": "Forgetting $F_i = p_i(e_i) - p_i(T)$",
                  "forgetting_max": "Forgetting $F_i^{max} = \\max_{t \\leq e_i} p_i(t) - p_i(T)$",
                  "forward_transfer": "Forward transfer $FT_i$ (normalised AUC)",
+                 "recovery": "Recovery $R_j$ (first half of window $j$ / reference)",
+                 "switch_cost": "Return lost at switch $j$, $C_j$",
                  "convergence_steps": "Env steps to 90% of the window's best return"}
 
 
@@ -124,7 +130,7 @@ class Run:
         self.uses_llcd = bool(self.config.get("llcd")) or DETECTION_KEY in self.scalars
         self.has_eval_rows = any(k == "eval_return" or k.startswith("task_") and k.endswith("_eval_return")
                                  for k in self.scalars)
-        self.reference_task = self.schedule.tasks[0] if len(self.schedule.tasks) == 1 else None
+        self.reference_task = self.schedule.tasks[0] if self.schedule.tasks else None  # learnt from scratch
 
     def series(self, key: str) -> pd.Series:
         """Values of ``key`` indexed by env step (empty if never logged)."""
@@ -265,16 +271,29 @@ def average_performance(curves: list) -> pd.Series:
     return pd.concat(curves, axis=1, join="inner").sort_index().mean(axis=1) if curves else pd.Series(dtype=float)
 
 
+def reference_windows(refs: list, task: int, domain: str) -> list:
+    """(run, first window) of the reference runs of ``task``: the runs of ``domain`` whose schedule starts
+    with it, so their first window learns it from scratch (a single-task run, or a continual run's first
+    window, which trains exactly as the single-task run: evaluation leaves the random streams alone)."""
+    return [(r, r.schedule.windows()[0]) for r in refs if r.reference_task == task and r.domain == domain]
+
+
 def reference_auc(refs: list, task: int, domain: str, length: float) -> float:
-    """Mean AUC of the matching reference runs over ``length`` env steps from their prefill."""
+    """Mean AUC of the reference runs of ``task`` over ``length`` env steps from their prefill."""
     aucs = []
-    for ref in (r for r in refs if r.reference_task == task and r.domain == domain):
-        curve, start = ref.eval_curve(task), ref.schedule.windows()[0].start_env_step
-        if len(curve) and curve.index[-1] - start < length:
-            warn(f"reference {ref.path} covers {curve.index[-1] - start:.0f} of the "
+    for ref, window in reference_windows(refs, task, domain):
+        curve = in_window(ref.eval_curve(task), window.start_env_step, window.end_env_step, include_start=True)
+        if len(curve) and curve.index[-1] - window.start_env_step < length:
+            warn(f"reference {ref.path} covers {curve.index[-1] - window.start_env_step:.0f} of the "
                  f"{length:.0f} env steps of task {task}'s window")
-        aucs.append(normalised_auc(curve, start, length))
+        aucs.append(normalised_auc(curve, window.start_env_step, length))
     return nanmean(aucs)
+
+
+def reference_return(refs: list, task: int, domain: str) -> float:
+    """Mean over the reference runs of ``task`` of their return at the end of their first window."""
+    return nanmean([last_value(in_window(ref.eval_curve(task), window.start_env_step, window.end_env_step))
+                    for ref, window in reference_windows(refs, task, domain)])
 
 
 def forward_transfer_metrics(run: Run, refs: list, curves: dict) -> dict:
@@ -286,6 +305,28 @@ def forward_transfer_metrics(run: Run, refs: list, curves: dict) -> dict:
         ref = reference_auc(refs, task, run.domain, length) if math.isfinite(auc) else math.nan
         out[f"forward_transfer/task{task}"] = (auc - ref) / (1 - ref) if math.isfinite(ref) and ref != 1 else math.nan
     out["forward_transfer/mean"] = nanmean(list(out.values()))
+    return out
+
+
+def recovery_metrics(run: Run, refs: list, curves: dict) -> dict:
+    """R_j: the mean return on window j's task over the eval points in the first half of window j, over
+    the reference's return at the end of its first window, per switch j; and their mean."""
+    out = {}
+    for w in run.schedule.switches():
+        early = in_window(curves[w.task], w.start_env_step, (w.start_env_step + w.end_env_step) / 2)
+        ref = reference_return(refs, w.task, run.domain)
+        out[f"recovery/switch{w.index}_task{w.task}"] = early.mean() / ref if len(early) and ref > 0 else math.nan
+    out["recovery/mean"] = nanmean(list(out.values()))
+    return out
+
+
+def switch_costs(run: Run, curves: dict) -> dict:
+    """C_j = 1 - p_new(s_j) / p_old(s_j): the share of its return that the policy trained up to switch j
+    loses on the new physics, both evaluated at the switch s_j (NaN without that eval or if p_old <= 0)."""
+    out, windows = {}, run.schedule.windows()
+    for w in run.schedule.switches():
+        old, new = (curves[t].get(w.start_env_step, math.nan) for t in (windows[w.index - 1].task, w.task))
+        out[f"switch_cost/switch{w.index}_task{w.task}"] = 1 - new / old if old > 0 else math.nan
     return out
 
 
@@ -318,8 +359,10 @@ def compute_run_metrics(run: Run, refs: list | None = None) -> dict:
     for i, name in enumerate(("forgetting", "forgetting_max")):
         out.update({f"{name}/task{t}": drop[i] for t, drop in drops.items()})
         out[f"{name}/mean"] = nanmean([drops[t][i] for t in sched.forgettable_tasks()])
+    out.update(switch_costs(run, curves))
     if refs:
         out.update(forward_transfer_metrics(run, refs, curves))
+        out.update(recovery_metrics(run, refs, curves))
     out.update({f"convergence_steps/task{t}": convergence_steps(curves[t], w) for t, w in firsts.items()})
     out["model_loss/final"] = float(run.series(LOSS_KEY).iloc[-LOSS_TAIL:].mean())
     return {**out, **llcd_metrics(run)} if run.uses_llcd else out
@@ -428,10 +471,12 @@ def run_tables(groups: list, refs: list) -> tuple:
 
 
 def score_frame(wide: pd.DataFrame, group: Group, family: str) -> pd.DataFrame:
-    """Runs x tasks scores of one aggregate metric (forgetting: the forgettable tasks); tasks without any
-    value, then runs with a missing one, are dropped."""
+    """Runs x tasks scores of one aggregate metric (forgetting: the forgettable tasks; recovery: the switches);
+    tasks without any value, then runs with a missing one, are dropped."""
     tasks = group.schedule.forgettable_tasks() if family == "forgetting" else list(group.schedule.first_windows())
-    columns = ["avg_performance/final"] if family == "avg_performance" else [f"{family}/task{t}" for t in tasks]
+    columns = (["avg_performance/final"] if family == "avg_performance" else
+               [f"recovery/switch{w.index}_task{w.task}" for w in group.schedule.switches()] if family == "recovery"
+               else [f"{family}/task{t}" for t in tasks])
     return wide[wide["group"] == group.label].reindex(columns=columns).dropna(axis=1, how="all").dropna()
 
 
@@ -967,7 +1012,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or glob patterns")
     parser.add_argument("--out", default="analysis", help="output directory (default: analysis/)")
     parser.add_argument("--reference", nargs="+", default=[], metavar="DIR",
-                        help="single-task reference runs (crl_tasks: [k]) for forward transfer")
+                        help="reference runs of each schedule's first task (crl_tasks: [k], or a continual "
+                             "run's first window) for forward transfer and recovery")
     parser.add_argument("--group-by", nargs="+", default=None, metavar="KEY",
                         help="config keys replacing the default (domain llcd replay)")
     parser.add_argument("--include-incomplete", action="store_true",
@@ -994,7 +1040,7 @@ def main(argv: list | None = None) -> int:
         return learning_table(runs, args.anchor, args.out)
     refs = load_runs(expand_paths(args.reference), what="reference") if args.reference else []
     for ref in (ref for ref in refs if ref.reference_task is None):
-        warn(f"reference {ref.path} is not a single-task run (crl_tasks: [k]); ignored")
+        warn(f"reference {ref.path} has no crl_tasks (a reference learns its schedule's first task); ignored")
     info(f"analysing {len(runs)} run(s)" + (f" with {len(refs)} reference(s)" if refs else ""))
     groups = select_runs(group_runs(runs, args.group_by), args.include_incomplete)
     if not groups:

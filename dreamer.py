@@ -607,13 +607,18 @@ class Run:
         self.last.update(log=self.env_step, time=now, log_step=self.env_step, log_updates=self.updates)
 
     def evaluate(self):
+        """Evaluate, log and checkpoint. The random streams are put back as evaluation found them,
+        so how often and on how many tasks a run evaluates does not change its training: the first
+        window of a continual run trains exactly as the single-task run of its task."""
         self.last["eval"] = self.env_step
         if self.config.eval_episode_num <= 0:
             return
+        rng = tools.rng_states()
         if self.schedule.active:
             self.evaluate_every_task()
         else:
             self.log_eval("eval", self.eval_envs)
+        tools.set_rng_states(rng)
         self.logger.write(self.env_step)
         self.save()
 

@@ -232,6 +232,33 @@ def test_forward_transfer(report):
                 (ft0[0] + ft1[0]) / 2, (ft0[1] + ft1[1]) / 2)
 
 
+def test_recovery_after_each_switch(report):
+    # Window 1 (task 1, [1000, 1500)): first half (1000, 1250] = steps 1125, 1250 (indices 9, 10).
+    # Reference 1's return at the end of its window [100, 600): step 600 -> 1000.
+    assert_cell(report, "recovery/switch1_task1", (300 + 950) / 2 / 1000, (350 + 1000) / 2 / 1000)
+    # no reference for tasks 2 and 3 -> undefined, the mean is switch 1's
+    assert cell(report, "recovery/switch2_task2")[2] == 0
+    assert_cell(report, "recovery/mean", 0.625, 0.675)
+
+
+def test_switch_cost_compares_both_tasks_at_the_switch_eval(report):
+    # At each switch s_j, the return on the old task and on the new one (seed 2: both +50).
+    for switch, index, old, new in ((1, 8, 0, 1), (2, 12, 1, 2), (3, 16, 2, 3)):
+        p_old, p_new = CURVES_SEED1[old][index], CURVES_SEED1[new][index]
+        assert_cell(report, f"switch_cost/switch{switch}_task{new}", 1 - p_new / p_old, 1 - (p_new + 50) / (p_old + 50))
+
+
+def test_a_continual_runs_first_window_is_the_reference_of_its_first_task():
+    """Its curve after the first switch (here far higher) is not the reference's."""
+    config = base_config(crl_tasks=[2, 0], prefill=0)  # windows [0, 500) on task 2, [500, 1000) on task 0
+    steps = np.array([0.0, 250.0, 500.0, 750.0, 1000.0])
+    ref = ar.Run("mem", config, {"task_2_eval_return": (steps, np.array([0.0, 100.0, 300.0, 900.0, 1000.0]))})
+    assert ref.reference_task == 2
+    assert ar.reference_return([ref], 2, "cartpole") == 300
+    assert ar.reference_auc([ref], 2, "cartpole", 500) == pytest.approx((0 + 2 * 0.1 + 0.3) / 4)
+    assert math.isnan(ar.reference_return([ref], 0, "cartpole"))  # task 0 comes second: not from scratch
+
+
 def test_convergence_steps(report):
     # seed 1: task0 90% of 900 = 810 -> first at step 875 (800 < 810): 875-500
     # task1 90% of 1000 = 900 -> step 1250: 250; task2 450 -> step 2000: 500
@@ -472,10 +499,10 @@ def test_llcd_delays_in_agent_steps():
     assert m["llcd_false_alarms_per_100k"] == pytest.approx(100_000 / 1100)
 
 
-def test_reference_is_a_one_entry_schedule():
+def test_reference_task_is_the_schedules_first():
     assert ar.Run("mem", base_config(crl_tasks=[2]), {}).reference_task == 2
+    assert ar.Run("mem", base_config(crl_tasks=[3, 0, 3]), {}).reference_task == 3
     assert ar.Run("mem", base_config(crl_tasks=[], task_id=1), {}).reference_task is None
-    assert ar.Run("mem", base_config(), {}).reference_task is None
 
 
 def test_compare_probability_of_improvement(tmp_path, capsys):

@@ -535,3 +535,23 @@ def test_deterministic_runs_write_identical_metrics(tmp_path):
     rows = [json.loads(line) for line in texts[0].decode().splitlines()]
     assert any("model_loss" in row for row in rows) and any("eval_return" in row for row in rows)
     assert not any("fps" in row or "update_rate" in row for row in rows)  # wall-clock: TensorBoard only
+
+
+def test_a_continual_runs_first_window_trains_as_the_single_task_run(tmp_path):
+    """Evaluation puts the random streams back, so the continual run (which also evaluates task 3
+    at every eval point) trains exactly as the single-task run of task 0 until its switch: its
+    first window can serve as task 0's single-task reference."""
+    switch_env_step = (100 + 300) * 2  # (prefill + crl_steps_per_task) * action_repeat
+
+    def training_rows(name, schedule):
+        logdir = tmp_path / name
+        result = run_command(command("--crl_tasks", schedule, "--crl_steps_per_task", "300", "--eval_every", "200",
+                                     "--seed", "4", "--deterministic_run", "True", "--logdir", str(logdir)))
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+        return [{key: value for key, value in row.items() if "eval" not in key and not key.startswith("crl_")}
+                for row in rows if row["step"] < switch_env_step]
+
+    continual, single = training_rows("continual", "[0, 3]"), training_rows("single", "[0]")
+    assert sum("model_loss" in row for row in single) >= 3  # evals at env steps 200, 400, 600 in between
+    assert continual == single
