@@ -42,7 +42,7 @@ results_iqm.csv, results.md, compare.csv, final_results_grid_shaded.png (mean, 9
 task switches), curve_*.png per curve, bars_*.png per per-task metric, iqm_intervals.png (rliable's IQM and
 CI figure). ``--detectors`` replays the
 recorded score streams (``llcd_scores.npz``) through every score x detector pair with each run's
-settings: the strict table per run and pooled (detectors.csv) and every switch (switches.csv).
+settings (scores phase-normalised too where the phase was recorded, and max-of-CUSUMs fusions): the strict table per run and pooled (detectors.csv) and every switch (switches.csv).
 ``--anchor`` sets single-task runs beside published scores (e.g. DreamerV3's): per task and each env
 step of the anchor file, the anchor's mean and range over its seeds and ours (last eval at or before that
 step), with wall time per run and the CPU (learning_table.md/.csv, learning.png).
@@ -769,16 +769,41 @@ def config_defaults() -> dict:
     return read_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs.yaml"))["defaults"]
 
 
-def replay_stream(values: np.ndarray, steps: np.ndarray, settings: dict, name: str) -> list:
-    """Agent steps at which detector ``name`` declares a change on a recorded score stream,
-    smoothed as the live run smoothed it (mean of the last ``llcd_smoothing`` finite values)."""
-    instance, smoothing = detector.from_config(settings, name), detector.score_filter(settings)
-    return [step for step, value in zip(steps.tolist(), values.tolist()) if instance.update(smoothing.update(value))]
+def detector_inputs(stream: dict, settings: dict) -> dict:
+    """What a detector sees per call, by candidate name: each recorded score through the run's
+    ``ScoreFilter``, and where the phase was recorded, that phase-normalised too (``<score>@phase``)."""
+    inputs = {}
+    for score in (key for key in stream if key not in ("step", "phase")):
+        smoothing = detector.score_filter(settings)
+        inputs[score] = np.array([smoothing.update(value) for value in stream[score].tolist()])
+        if "phase" in stream:
+            normalizer = detector.phase_normalizer(settings)
+            inputs[f"{score}@phase"] = np.array([normalizer.update(value, phase) for value, phase
+                                                 in zip(inputs[score].tolist(), stream["phase"].tolist())])
+    return inputs
+
+
+def fusions(inputs: dict) -> dict:
+    """The fused candidates, 'max(a+b+...)' -> their inputs: every raw score, and every phase-normalised one."""
+    groups = [[name for name in inputs if "@" not in name], [name for name in inputs if name.endswith("@phase")]]
+    return {f"max({'+'.join(names)})": names for names in groups if len(names) > 1}
+
+
+def replay_detections(inputs: dict, names: list, steps: np.ndarray, settings: dict, name: str) -> list:
+    """Agent steps at which detector ``name`` declares a change on the candidate ``names`` (one: that
+    detector on it; several: the max of CUSUMs over them)."""
+    if len(names) == 1:
+        instance = detector.from_config(settings, name)
+        return [step for step, value in zip(steps.tolist(), inputs[names[0]].tolist()) if instance.update(value)]
+    fused = detector.fused_cusum(settings, len(names))
+    matrix = np.stack([inputs[n] for n in names], 1)  # (calls, candidates)
+    return [step for step, row in zip(steps.tolist(), matrix) if fused.update(row)]
 
 
 def detector_rows(run: Run, defaults: dict) -> tuple:
-    """(one strict-scoring row per candidate score x detector, one row per switch of each) of one run's
-    recorded stream."""
+    """(one strict-scoring row per candidate x detector, one row per switch of each) of one run's recorded
+    stream; the candidates: every score, phase-normalised too where the phase was recorded, and their
+    max-of-CUSUMs fusions."""
     settings = {**defaults, **run.config}
     with np.load(os.path.join(run.path, SCORES_FILE), allow_pickle=False) as data:  # kept results: float16
         stream = {key: data[key] if key == "step" else data[key].astype(np.float32) for key in data.files}
@@ -788,16 +813,18 @@ def detector_rows(run: Run, defaults: dict) -> tuple:
     max_delay = resolve_max_delay(settings["llcd_max_delay"], settings["time_limit"], repeat)
     steps = int(stream["step"][-1]) + 1 if len(stream["step"]) else 0
     changes = switch_changes(run, settings)
+    inputs = detector_inputs(stream, settings)
+    pairs = [(score, [score], name) for score in inputs for name in detector.DETECTORS]
+    pairs += [(fused, names, "cusum") for fused, names in fusions(inputs).items()]
     rows, per_switch = [], []
-    for score in (key for key in stream if key != "step"):
-        for name in detector.DETECTORS:
-            found = replay_stream(stream[score], stream["step"], settings, name)
-            report = detection_report(found, switches, steps, max_delay, FALSE_ALARM_UNIT)
-            per_switch += [(run.path, score, name, change, start, result, delay, first_in_window(found, start, end))
-                           for change, (start, end), result, delay
-                           in zip(changes, switches, report["outcomes"], report["delays"])]
-            rows.append({"run": run.path, "score": score, "detector": name, "switches": len(switches), **report,
-                         "false_alarms_per_100k": report["false_alarms_per_unit"], "agent_steps": steps})
+    for score, names, name in pairs:
+        found = replay_detections(inputs, names, stream["step"], settings, name)
+        report = detection_report(found, switches, steps, max_delay, FALSE_ALARM_UNIT)
+        per_switch += [(run.path, score, name, change, start, result, delay, first_in_window(found, start, end))
+                       for change, (start, end), result, delay
+                       in zip(changes, switches, report["outcomes"], report["delays"])]
+        rows.append({"run": run.path, "score": score, "detector": name, "switches": len(switches), **report,
+                     "false_alarms_per_100k": report["false_alarms_per_unit"], "agent_steps": steps})
     return rows, per_switch
 
 

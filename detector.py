@@ -49,7 +49,8 @@ import math
 
 import numpy as np
 
-__all__ = ["ChangeDetector", "CusumDetector", "AdaptationGate", "ScoreFilter", "score_filter", "DETECTORS", "from_config", "detection_report",
+__all__ = ["ChangeDetector", "CusumDetector", "PhaseNormalizer", "FusedCusum", "AdaptationGate", "ScoreFilter",
+           "score_filter", "phase_normalizer", "fused_cusum", "DETECTORS", "from_config", "detection_report",
            "chance_hit_rate", "resolve_max_delay"]
 
 
@@ -466,6 +467,60 @@ class ScoreFilter:
         return sum(self.values) / len(self.values)
 
 
+class PhaseNormalizer:
+    """The phase-normalised score: a value at episode phase p becomes (x - m) / max(s, ``std_floor``),
+    m and s the mean and std of the last ``window`` values of p's bucket (phases
+    [k * ``bucket``, (k+1) * ``bucket``)) that are at least ``lag`` calls old. An episode's phases
+    differ in surprise more than most changes move it (contacts, swings, the start); this removes
+    that profile. The lag (the detection deadline, as in ``CusumDetector``) keeps a change's own
+    values out of the baseline it is measured against. NaN for a non-finite value or phase, and
+    while the bucket holds fewer than ``min_count`` values."""
+
+    def __init__(self, bucket=25, window=200, lag=500, min_count=20, std_floor=1e-3):
+        _check_int("bucket", bucket, 1)
+        _check_int("min_count", min_count, 2)
+        _check_int("window", window, min_count)
+        _check_int("lag", lag, 0)
+        self.bucket, self.lag, self.min_count, self.std_floor = int(bucket), int(lag), int(min_count), float(std_floor)
+        self.buckets = collections.defaultdict(lambda: collections.deque(maxlen=int(window)))
+        self.pending = collections.deque()  # (call, bucket, value) younger than lag
+        self.calls = 0
+
+    def update(self, value, phase):
+        call, self.calls = self.calls, self.calls + 1
+        while self.pending and self.pending[0][0] <= call - self.lag:
+            _, key, old = self.pending.popleft()
+            self.buckets[key].append(old)
+        if not (math.isfinite(value) and math.isfinite(phase)):
+            return math.nan
+        key = int(phase) // self.bucket
+        self.pending.append((call, key, float(value)))
+        history = self.buckets[key]
+        if len(history) < self.min_count:
+            return math.nan
+        return float((value - np.mean(history)) / max(float(np.std(history)), self.std_floor))
+
+
+class FusedCusum:
+    """Max of CUSUMs over several score streams: one ``CusumDetector`` per stream, each set for
+    1/n of the false-alarm budget (so the union keeps it); a change is declared when any of them
+    declares, and then every one re-baselines and starts its cooldown."""
+
+    def __init__(self, detectors):
+        self.detectors = list(detectors)
+
+    def update(self, scores):
+        """Feed one value per stream; True exactly when this call declares a change."""
+        fired = [d.update(x) for d, x in zip(self.detectors, scores)]
+        if not any(fired):
+            return False
+        for d, declared in zip(self.detectors, fired):
+            if not declared:
+                d.cooldown_end = d.steps + d.cooldown
+                d.rebaseline()
+        return True
+
+
 def from_config(config, name=None):
     """The detector ``name`` (default ``llcd_detector``) with the run config's LLCD settings:
     the adaptive sigma rule (``threshold``) or ``cusum`` (its baseline lags by
@@ -478,12 +533,28 @@ def from_config(config, name=None):
     name = name or config["llcd_detector"]
     if name == "cusum":
         envs = config["envs"]
-        lag = math.ceil(resolve_max_delay(config["llcd_max_delay"], config["time_limit"], config["action_repeat"]) / envs)
         return CusumDetector(config["llcd_burn_in"], config["llcd_cusum_drift"],
                              config["llcd_false_alarms_per_100k"] * envs, config["llcd_cooldown"],
-                             config["llcd_cusum_window"], lag)
+                             config["llcd_cusum_window"], lag_calls(config))
     return ChangeDetector(config["llcd_history_window"], config["llcd_sigma"], config["llcd_patience"],
                           config["llcd_burn_in"], config["llcd_std_floor"], config["llcd_cooldown"])
+
+
+def lag_calls(config):
+    """The detection deadline (``llcd_max_delay``, agent steps) in policy calls of ``envs`` steps."""
+    return math.ceil(resolve_max_delay(config["llcd_max_delay"], config["time_limit"], config["action_repeat"])
+                     / config["envs"])
+
+
+def fused_cusum(config, streams):
+    """A ``FusedCusum`` over ``streams`` score streams with the run config's CUSUM settings."""
+    share = {**config, "llcd_false_alarms_per_100k": config["llcd_false_alarms_per_100k"] / streams}
+    return FusedCusum(from_config(share, "cusum") for _ in range(streams))
+
+
+def phase_normalizer(config):
+    """The ``PhaseNormalizer`` of a run config: its baseline lags by the detection deadline."""
+    return PhaseNormalizer(lag=lag_calls(config))
 
 
 def score_filter(config):

@@ -99,21 +99,33 @@ class Dreamer(nn.Module):
         if z is not None:
             new_state.update(context=context, z=mean.float().cpu().numpy())
         if z is not None and mode == "train":  # the surprise scores feed the detector: training steps only
-            new_state.update(self.surprise(latent, data, state, z))
+            new_state.update(self.surprise(latent, data, state, embed, z, mean))
         return action.cpu().numpy(), new_state
 
-    def surprise(self, latent, data, state, z):
-        """LLCD candidate scores of a training step: {openloop, surprise {name: (N,) array}}."""
+    def surprise(self, latent, data, state, embed, z, z_mean):
+        """LLCD candidate scores of a training step: {openloop, phase, surprise {name: (N,) array}}.
+        ``latent_kl_zmean`` is latent_kl of the step taken again with the context at its mean
+        instead of the sampled z (one noise source less); ``phase`` (N,) counts each env's steps
+        since its episode started, and ``surprise["phase"]`` is it as floats."""
         scores = self.wm.surprise(latent, data)
+        rng = tools.rng_states()  # the retaken step samples a latent: acting and training draw as without it
+        z_mean_latent = self.wm.dynamics.obs_step(state["latent"], state["action"], embed, data["is_first"], z_mean)
+        tools.set_rng_states(rng)
+        scores["latent_kl_zmean"] = self.wm.latent_kl(z_mean_latent).float().masked_fill(
+            data["is_first"].bool(), float("nan"))
         scores["openloop_nll"], openloop = self.wm.openloop_surprise(state["openloop"], latent, state["action"],
                                                                      z, data)
-        return {"openloop": openloop, "surprise": {name: score.cpu().numpy() for name, score in scores.items()}}
+        phase = torch.where(data["is_first"].bool(), 0, state["phase"] + 1)  # (N,)
+        scores["phase"] = phase.float()
+        return {"openloop": openloop, "phase": phase,
+                "surprise": {name: score.cpu().numpy() for name, score in scores.items()}}
 
     def initial_state(self, batch, device):
         state = {"latent": self.wm.dynamics.initial(batch), "action": torch.zeros(batch, self.action_dim, device=device)}
         if self.wm.context is not None:
             state["context"] = self.wm.context.initial(batch, self.wm.encoder.out_dim, device)
             state["openloop"] = self.wm.initial_openloop(batch)
+            state["phase"] = torch.zeros(batch, dtype=torch.long, device=device)
         return state
 
     def train_step(self, batch, adapt=False):
@@ -203,16 +215,16 @@ class ChangeMonitor:
     """LLCD bookkeeping of a run (docs/design.md#llcd): the live score streams, the change detector,
     the adaptation gate and the agent steps of every detection.
 
-    Each training policy call gives one value per candidate score (``WorldModel.surprise``):
+    Each training policy call gives one value per candidate score (``Dreamer.surprise``):
     the mean over the train envs that are not at an episode start. Every value is recorded
-    with its agent step (``stream``, written to ``llcd_scores.npz`` at each checkpoint) so
+    with its agent step and the envs' mean episode phase (``stream``, written to ``llcd_scores.npz`` at each checkpoint) so
     detectors can be replayed offline; ``llcd_score`` names the one the detector sees,
     averaged over the last ``llcd_smoothing`` calls. A detection opens the gate; so does
     the start of training, the first change the agent sees (otherwise ``llcd_gate:
     detector`` would act with an untrained context encoder until the first detection).
     """
 
-    SCORES = ("obs_nll", "latent_kl", "reward_nll", "openloop_nll")
+    SCORES = ("obs_nll", "latent_kl", "latent_kl_zmean", "reward_nll", "openloop_nll")
     FILE = "llcd_scores.npz"
 
     def __init__(self, config):
@@ -223,12 +235,13 @@ class ChangeMonitor:
         self.recent = detector.score_filter(config)
         self.detections = []  # agent steps
         self.scores = []  # detector inputs since the last log
-        self.stream = {key: [] for key in ("step", *self.SCORES)}  # every call's candidate scores
+        self.stream = {key: [] for key in ("step", "phase", *self.SCORES)}  # every call's candidate scores
 
     def observe(self, surprise, agent_step):
         """Feed one policy call's candidate scores {name: (N,)}; True when it declares a change."""
         means = {name: finite_mean(surprise[name]) if name in surprise else math.nan for name in self.SCORES}
         self.stream["step"].append(agent_step)
+        self.stream["phase"].append(finite_mean(surprise["phase"]) if "phase" in surprise else math.nan)
         for name, value in means.items():
             self.stream[name].append(value)
         score = self.recent.update(means[self.score_name])

@@ -143,14 +143,19 @@ class WorldModel(nn.Module):
         logit = self.dynamics.prior_logit(post["deter"])  # (N, S, K)
         prior = {"deter": post["deter"], "stoch": networks.OneHotCategorical(logit, self.config.unimix_ratio).mode()}
         feat = self.dynamics.feat(prior)  # (N, F)
-        mix = self.config.unimix_ratio
         scores = {"obs_nll": sum(-dist.log_prob(data[key]) for key, dist in self.decoder(feat).items()),  # (N,)
-                  "latent_kl": networks.categorical_kl(networks.unimix_log_probs(post["logit"], mix),
-                                                       networks.unimix_log_probs(logit, mix))}
+                  "latent_kl": self.latent_kl(post, logit)}
         if "reward" in data:
             scores["reward_nll"] = -self.reward(feat).log_prob(data["reward"])
         first = data["is_first"].bool()
         return {name: score.float().masked_fill(first, float("nan")) for name, score in scores.items()}
+
+    def latent_kl(self, post, prior_logit=None):
+        """KL[posterior || one-step prior] (unimix) of the stochastic latent, (N,) nats."""
+        mix = self.config.unimix_ratio
+        prior_logit = self.dynamics.prior_logit(post["deter"]) if prior_logit is None else prior_logit  # (N, S, K)
+        return networks.categorical_kl(networks.unimix_log_probs(post["logit"], mix),
+                                       networks.unimix_log_probs(prior_logit, mix))
 
     @torch.no_grad()
     def openloop_surprise(self, openloop, post, action, context, data):

@@ -51,7 +51,7 @@ CHOICES = {
     "replay": ("fifo", "reservoir"),
     "crl_switch": ("immediate", "episode"),
     "llcd_gate": ("detector", "always", "never"),
-    "llcd_score": ("obs_nll", "latent_kl", "reward_nll", "openloop_nll"),
+    "llcd_score": ("obs_nll", "latent_kl", "latent_kl_zmean", "reward_nll", "openloop_nll"),
     "llcd_detector": ("threshold", "cusum"),
     "eval_policy": ("agent", "random"),
 }

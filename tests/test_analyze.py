@@ -548,7 +548,9 @@ def test_detectors_mode_replays_recorded_streams_with_strict_scoring(tmp_path, c
     assert ar.main([run, "--detectors", "--out", str(tmp_path / "out")]) == 0
     with open(tmp_path / "out" / "detectors.csv") as f:
         rows = {(r["run"].startswith("all"), r["score"], r["detector"]): r for r in csv.DictReader(f)}
-    assert len(rows) == 8  # 2 scores x 2 detectors, per run and pooled
+    assert len(rows) == 10  # 2 scores x 2 detectors and their max-of-CUSUMs fusion, per run and pooled
+    fused = rows[(False, "max(obs_nll+latent_kl)", "cusum")]
+    assert (fused["hits"], fused["misses"]) == ("2", "0")  # the rise in one of its streams is enough
     cusum, sigma = rows[(False, "obs_nll", "cusum")], rows[(False, "obs_nll", "threshold")]
     assert (cusum["hits"], cusum["misses"], float(cusum["hit_rate"])) == ("2", "0", 1.0)
     assert 0 < float(cusum["median_delay"]) <= 500
@@ -564,6 +566,28 @@ def test_detectors_mode_replays_recorded_streams_with_strict_scoring(tmp_path, c
     assert all(r["first_detection"] == r["delay"] for r in switches)  # hits: the first one is in time
     assert sorted(float(r["delay"]) for r in switches)[-1] == float(cusum["median_delay"]) * 2 - min(
         float(r["delay"]) for r in switches)  # the median of two delays is their mean
+
+
+def test_detectors_mode_adds_phase_normalised_scores_where_the_phase_was_recorded(tmp_path):
+    """obs_nll follows the episode phase (amplitude 10 stds) and rises by half a std at each switch: its
+    phase-normalised variant catches both rises within one episode; the raw score neither (on 20 seeds of
+    such streams, measured once: 20 and 0 of 20)."""
+    config = {**ar.config_defaults(), **base_config(crl_tasks=[0, 1, 2], crl_steps_per_task=15000, prefill=500,
+                                                    time_limit=1000, llcd_max_delay=0)}
+    run = write_run(tmp_path / "run", config, [{"step": 91000, "task_0_eval_return": 1.0}])
+    steps = np.arange(500, 45500)
+    phase = steps % 500
+    profile = 10.0 * (np.exp(-phase / 20) + np.sin(phase * 2 * np.pi / 500))
+    level = 0.5 * ((steps >= 15500).astype(float) + (steps >= 30500))
+    noise = np.random.default_rng(1).normal(size=len(steps))
+    np.savez(tmp_path / "run" / ar.SCORES_FILE, step=steps, phase=phase.astype(np.float32),
+             obs_nll=profile + level + noise)
+    assert ar.main([run, "--detectors", "--out", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "detectors.csv") as f:
+        rows = {(r["score"], r["detector"]): r for r in csv.DictReader(f) if not r["run"].startswith("all")}
+    assert set(rows) == {(s, d) for s in ("obs_nll", "obs_nll@phase") for d in ("threshold", "cusum")}
+    assert rows[("obs_nll@phase", "cusum")]["hits"] == "2"
+    assert rows[("obs_nll", "cusum")]["hits"] == "0"
 
 
 def test_detectors_mode_without_recorded_streams_is_a_clear_error(tmp_path):

@@ -251,8 +251,9 @@ def test_surprise_is_nan_at_episode_starts_and_grows_with_prediction_error():
     _, eval_state = agent.policy(obs, None, "eval")
     assert "surprise" not in eval_state  # the scores feed the detector: training steps only
     _, state = agent.policy(obs, None, "train")
-    assert set(state["surprise"]) == set(dreamer.ChangeMonitor.SCORES)
-    for name, score in state["surprise"].items():
+    assert set(state["surprise"]) == {*dreamer.ChangeMonitor.SCORES, "phase"}
+    for name in dreamer.ChangeMonitor.SCORES:
+        score = state["surprise"][name]
         assert math.isnan(score[0]) and (math.isfinite(score[1]) or name == "openloop_nll")
     assert state["z"].shape == (2, config.llcd_context_dim)
     near = {"state": np.zeros((2, OBS_DIM), np.float32), "is_first": np.array([False, False]), "reward": reward}
@@ -264,6 +265,31 @@ def test_surprise_is_nan_at_episode_starts_and_grows_with_prediction_error():
     _, far_state = agent.policy(far, state, "train")
     for name in ("obs_nll", "reward_nll"):
         assert (far_state["surprise"][name] > near_state["surprise"][name]).all(), name
+
+
+def test_latent_kl_zmean_does_not_depend_on_the_sampled_context_and_phase_counts_episode_steps():
+    """latent_kl moves with the sampled z; latent_kl_zmean (the step retaken with z at its mean) does not.
+    The phase counts each env's steps since its episode began, 0 at is_first."""
+    config = llcd_config()
+    torch.manual_seed(0)
+    agent = dreamer.Dreamer(dreamer_obs_space(), dreamer_act_space(), config)
+    rng = np.random.default_rng(0)
+    state, phases = None, []
+    for first in ([True, False], [False, False], [False, True], [False, False]):
+        obs = {"state": rng.normal(size=(2, OBS_DIM)).astype(np.float32), "is_first": np.array(first),
+               "reward": np.zeros(2, np.float32)}
+        previous = state
+        _, state = agent.policy(obs, previous, "train")
+        phases.append(state["surprise"]["phase"].tolist())
+    assert phases == [[0, 1], [1, 2], [2, 0], [3, 1]]
+    obs["is_first"] = np.array([False, False])
+    draws = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        draws.append(agent.policy(obs, previous, "train")[1]["surprise"])
+    np.testing.assert_array_equal(draws[0]["latent_kl_zmean"], draws[1]["latent_kl_zmean"])
+    assert (draws[0]["latent_kl"] != draws[1]["latent_kl"]).all()
+    assert np.isfinite(draws[0]["latent_kl_zmean"]).all()
 
 
 def test_latent_kl_is_the_kl_of_the_posterior_from_the_one_step_prior():
@@ -506,6 +532,8 @@ def test_llcd_run_logs_score_gate_probe_and_resumes_the_detector(tmp_path, monke
         for name in dreamer.ChangeMonitor.SCORES:
             every = 8 if name == "openloop_nll" else 1  # scored every llcd_openloop_horizon calls
             assert len(recorded[name]) == 200 and np.isfinite(recorded[name]).mean() > 0.9 / every
+        phase = recorded["phase"]  # episodes of 100 agent steps: +1 per call, or back to 0 at a new episode
+        assert ((np.diff(phase) == 1) | (phase[1:] == 0)).all() and phase.max() <= 99 and (phase == 0).sum() >= 2
 
 
 def llcd_detections(logdir, tasks):
