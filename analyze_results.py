@@ -80,6 +80,7 @@ RETURN_SCALE = 1000.0  # DMC returns lie in [0, 1000]
 CONVERGENCE_FRACTION = 0.9
 LOSS_TAIL = 10
 FALSE_ALARM_UNIT = 100_000  # agent steps
+FALSE_ALARM_GOAL = 1.0  # per FALSE_ALARM_UNIT: the detection goal's false-alarm bound
 DEFAULT_GROUP_KEYS = ("domain", "llcd", "replay")
 BOOTSTRAP_REPS, BOOTSTRAP_SEED = 2000, 0
 CURVE_POINTS, PLOT_BOOT = 200, 300  # plotted grid points per curve, bootstrap resamples per plotted CI
@@ -760,7 +761,7 @@ def print_comparisons(groups: list, wide: pd.DataFrame, pairs: list, out: str) -
 
 SCORES_FILE = "llcd_scores.npz"
 SWITCH_COLUMNS = ("run", "score", "detector", "change", "agent_step", "outcome", "delay", "first_detection")
-DETECTOR_COLUMNS = ("run", "score", "detector", "switches", "hits", "misses", "hit_rate", "chance_hit_rate",
+DETECTOR_COLUMNS = ("run", "domain", "score", "detector", "switches", "hits", "misses", "hit_rate", "chance_hit_rate",
                     "median_delay", "false_alarms", "false_alarms_per_100k", "agent_steps")
 
 
@@ -823,7 +824,8 @@ def detector_rows(run: Run, defaults: dict) -> tuple:
         per_switch += [(run.path, score, name, change, start, result, delay, first_in_window(found, start, end))
                        for change, (start, end), result, delay
                        in zip(changes, switches, report["outcomes"], report["delays"])]
-        rows.append({"run": run.path, "score": score, "detector": name, "switches": len(switches), **report,
+        rows.append({"run": run.path, "domain": run.domain, "score": score, "detector": name,
+                     "switches": len(switches), **report,
                      "false_alarms_per_100k": report["false_alarms_per_unit"], "agent_steps": steps})
     return rows, per_switch
 
@@ -850,6 +852,7 @@ def pooled_detector_rows(rows: pd.DataFrame) -> pd.DataFrame:
     grouped = rows.groupby(["score", "detector"], sort=False)
     sums = grouped[["switches", "hits", "misses", "false_alarms", "agent_steps"]].sum()
     pooled = sums.assign(run=[f"all ({n} runs)" for n in grouped.size()],
+                         domain=" ".join(sorted(set(rows["domain"]))),
                          hit_rate=sums.hits / (sums.hits + sums.misses), median_delay=grouped["median_delay"].median(),
                          chance_hit_rate=grouped["chance_hit_rate"].mean(),
                          false_alarms_per_100k=sums.false_alarms / sums.agent_steps * FALSE_ALARM_UNIT)
@@ -878,8 +881,37 @@ def render_detector_table(table: pd.DataFrame) -> str:
     return "\n".join([render[0], "-+-".join("-" * w for w in widths), *render[1:]])
 
 
-def evaluate_detectors(runs: list, out: str) -> int:
-    """The ``--detectors`` mode: replay, print the strict table, write detectors.csv and switches.csv."""
+def choose_candidate(pooled: pd.DataFrame) -> pd.Series:
+    """The default chosen on pooled figures: the highest hit rate among the candidates within the false-alarm
+    goal (ties: fewer false alarms, then a shorter median delay); if none is within it, the fewest false alarms."""
+    within = pooled[pooled["false_alarms_per_100k"] <= FALSE_ALARM_GOAL]
+    if len(within):
+        return within.sort_values(["hit_rate", "false_alarms_per_100k", "median_delay"],
+                                  ascending=[False, True, True]).iloc[0]
+    return pooled.sort_values(["false_alarms_per_100k", "hit_rate"], ascending=[True, False]).iloc[0]
+
+
+def held_out_table(runs_table: pd.DataFrame, select_on: list) -> pd.DataFrame:
+    """No tuning to the test: the candidate chosen on the ``select_on`` domains, then on the others (the swap),
+    each with its pooled figures where it was chosen and on the held-out domains."""
+    chosen = runs_table["domain"].isin(select_on)
+    if not chosen.any() or chosen.all():
+        fail(f"--select-on {' '.join(select_on)}: needs runs of those domains and of others; domains here: "
+             + " ".join(sorted(set(runs_table["domain"]))))
+    rows = []
+    for select, test in ((chosen, ~chosen), (~chosen, chosen)):
+        pick = choose_candidate(pooled_detector_rows(runs_table[select]))
+        for role, part in (("selected on", select), ("held out", test)):
+            pooled = pooled_detector_rows(runs_table[part])
+            row = pooled[(pooled["score"] == pick["score"]) & (pooled["detector"] == pick["detector"])].iloc[0]
+            rows.append({"split": "chosen on " + "+".join(sorted(set(runs_table.loc[select, "domain"]))),
+                         "role": role, **row})
+    return pd.DataFrame(rows)
+
+
+def evaluate_detectors(runs: list, out: str, select_on: list | None = None) -> int:
+    """The ``--detectors`` mode: replay, print the strict table, write detectors.csv and switches.csv; with
+    ``select_on``, the held-out table too (heldout.csv)."""
     defaults = config_defaults()
     usable = [run for run in runs if os.path.isfile(os.path.join(run.path, SCORES_FILE))]
     for run in (run for run in runs if run not in usable):
@@ -902,6 +934,11 @@ def evaluate_detectors(runs: list, out: str) -> int:
     table.to_csv(os.path.join(out, "detectors.csv"), index=False, na_rep="nan")
     switches.to_csv(os.path.join(out, "switches.csv"), index=False)
     info(f"wrote {os.path.join(out, 'detectors.csv')} and switches.csv (every switch of every score x detector)")
+    if select_on:
+        held_out = held_out_table(runs_table, select_on)
+        print(f"\nheld out (chosen: the highest hit rate within {FALSE_ALARM_GOAL:g} false alarm per 100K agent steps):")
+        print(render_detector_table(held_out.assign(run=held_out["split"] + ", " + held_out["role"])))
+        held_out.to_csv(os.path.join(out, "heldout.csv"), index=False, na_rep="nan")
     return 0
 
 
@@ -1052,6 +1089,9 @@ def parse_args(argv: list | None) -> argparse.Namespace:
                         "single-task runs against them")
     parser.add_argument("--detectors", action="store_true",
                         help="replay the recorded LLCD score streams through every score x detector pair")
+    parser.add_argument("--select-on", nargs="+", default=None, metavar="DOMAIN",
+                        help="with --detectors: choose the default on these domains, report it on the others, "
+                             "then swap (heldout.csv)")
     return parser.parse_args(argv)
 
 
@@ -1061,8 +1101,10 @@ def main(argv: list | None = None) -> int:
     runs = load_runs(expand_paths(args.runs))
     if not runs:
         fail("no run directory with config.yaml and metrics.jsonl among: " + " ".join(args.runs))
+    if args.select_on and not args.detectors:
+        fail("--select-on chooses a detector: add --detectors")
     if args.detectors:
-        return evaluate_detectors(runs, args.out)
+        return evaluate_detectors(runs, args.out, args.select_on)
     if args.anchor:
         return learning_table(runs, args.anchor, args.out)
     refs = load_runs(expand_paths(args.reference), what="reference") if args.reference else []

@@ -590,6 +590,48 @@ def test_detectors_mode_adds_phase_normalised_scores_where_the_phase_was_recorde
     assert rows[("obs_nll", "cusum")]["hits"] == "0"
 
 
+def write_detection_run(path, task, rising, seed):
+    """A recorded stream of two switches (agent steps 3500 and 6500) in which score ``rising`` rises by
+    1 std at each and the other is noise."""
+    config = {**ar.config_defaults(), **base_config(task=task, crl_tasks=[0, 1, 2], crl_steps_per_task=3000,
+                                                    prefill=500, time_limit=1000, llcd_max_delay=0, seed=seed)}
+    write_run(path, config, [{"step": 19000, "task_0_eval_return": 1.0}])
+    steps = np.arange(500, 9500)
+    rng = np.random.default_rng(seed)
+    scores = {name: rng.normal(size=len(steps)) for name in ("obs_nll", "latent_kl")}
+    scores[rising] += (steps >= 3500).astype(float) + (steps >= 6500)
+    np.savez(path / ar.SCORES_FILE, step=steps, **scores)
+
+
+def test_held_out_selection_chooses_on_some_domains_and_reports_on_the_others(tmp_path):
+    """obs_nll carries the changes on cartpole, latent_kl on cup: chosen on cartpole, obs_nll finds nothing on
+    held-out cup; chosen on cup, latent_kl finds nothing on held-out cartpole. The figures of each side come
+    from its own runs only."""
+    for seed in (0, 1):
+        write_detection_run(tmp_path / f"cartpole{seed}", "dmc_cartpole_swingup", "obs_nll", seed)
+        write_detection_run(tmp_path / f"cup{seed}", "dmc_cup_catch", "latent_kl", seed + 10)
+    out = tmp_path / "out"
+    assert ar.main([str(tmp_path / "c*"), "--detectors", "--select-on", "cartpole", "--out", str(out)]) == 0
+    with open(out / "heldout.csv") as f:
+        rows = {(r["split"], r["role"]): r for r in csv.DictReader(f)}
+    chosen = rows[("chosen on cartpole", "selected on")]
+    assert (chosen["score"], chosen["detector"], chosen["hits"], chosen["domain"]) == ("obs_nll", "cusum", "4", "cartpole")
+    held = rows[("chosen on cartpole", "held out")]
+    assert (held["score"], held["hits"], held["misses"], held["domain"]) == ("obs_nll", "0", "4", "cup")
+    swapped = rows[("chosen on cup", "selected on")]
+    assert (swapped["score"], swapped["detector"], swapped["hits"]) == ("latent_kl", "cusum", "4")
+    assert rows[("chosen on cup", "held out")]["hits"] == "0"
+
+
+def test_select_on_needs_detectors_and_domains_on_both_sides(tmp_path):
+    write_detection_run(tmp_path / "cartpole0", "dmc_cartpole_swingup", "obs_nll", 0)
+    for args, fragment in ((["--select-on", "cartpole"], "--select-on chooses a detector: add --detectors"),
+                           (["--detectors", "--select-on", "cartpole"], "needs runs of those domains and of others")):
+        with pytest.raises(SystemExit) as error:
+            ar.main([str(tmp_path / "cartpole0"), *args, "--out", str(tmp_path / "out")])
+        assert fragment in str(error.value)
+
+
 def test_detectors_mode_without_recorded_streams_is_a_clear_error(tmp_path):
     run = write_run(tmp_path / "run", base_config(), [{"step": 100, "task_0_eval_return": 1.0}])
     result = subprocess.run([sys.executable, "analyze_results.py", run, "--detectors"], cwd=ROOT,
