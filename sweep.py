@@ -28,7 +28,7 @@ is shipped to workers by value), so a worker never imports torch itself.
 Kept results (``--results DIR``): as each run finishes, its compact results go to
 ``DIR/<run>/`` (``keep_results``): config.yaml, metrics.jsonl.gz, llcd_scores.npz as
 float16 where the run has one, and run.json (the commit of the code that ran it, the CPU,
-the wall time). A run whose results are kept is skipped, even where its logdir is gone,
+the wall time summed over its attempts). A run whose results are kept is skipped, even where its logdir is gone,
 so a study committed to the repo run by run continues on another machine. With
 ``--keep-only`` the sweep keeps the finished runs' results and launches nothing: results
 of a sweep running from a pinned worktree are kept by a newer checkout's sweep.py.
@@ -73,6 +73,7 @@ import tools
 
 ROOT = pathlib.Path(__file__).resolve().parent
 DONE, LOCK, LOG, MANIFEST = "sweep_done.json", "sweep.lock", "sweep.log", "sweep.yaml"
+CLOCK, HEARTBEAT = "sweep_clock.json", 60.0  # each attempt's wall seconds, rewritten every HEARTBEAT s
 FILE_KEYS = ("name", "configs", "overrides", "grid")
 GROUP_KEYS = ("domain", "llcd", "replay")  # analyze_results.py's default grouping
 
@@ -244,10 +245,11 @@ def train_point(args, logdir, threads):
     """Ray task: run (or resume) dreamer.py in ``logdir``; mark the run finished if it exits 0.
 
     Returns {'rc': exit code (negative: killed by that signal; None: not started), 'seconds', 'error'}.
+    The wall time of every attempt goes to ``sweep_clock.json`` (an attempt whose worker is killed
+    counts up to its last heartbeat); the done marker's ``seconds`` is their sum, the run's wall time.
     """
     logdir = pathlib.Path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
-    start = time.time()
     with open(logdir / LOCK, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -255,15 +257,32 @@ def train_point(args, logdir, threads):
             lock.seek(0)
             owner = lock.read().strip() or "?"
             return {"rc": None, "seconds": 0.0, "error": f"pid {owner} is already training {logdir}"}
-        rc = run_dreamer(args, logdir, threads, lock)
-        seconds = time.time() - start
+        clock = AttemptClock(logdir / CLOCK)
+        rc = run_dreamer(args, logdir, threads, lock, clock)
         if rc == 0:
-            write_atomic(logdir / DONE, json.dumps({"args": args, "seconds": round(seconds, 1), "finished": now()}))
-    return {"rc": rc, "seconds": seconds, "error": None if rc == 0 else error_line(logdir, rc)}
+            write_atomic(logdir / DONE, json.dumps({"args": args, "seconds": round(clock.total(), 1), "finished": now()}))
+    return {"rc": rc, "seconds": clock.attempts[-1], "error": None if rc == 0 else error_line(logdir, rc)}
 
 
-def run_dreamer(args, logdir, threads, lock):
+class AttemptClock:
+    """The wall seconds of each attempt at a run, kept in ``path`` ({"attempts": [...]}); ``tick``
+    rewrites the current attempt's entry."""
+
+    def __init__(self, path):
+        self.path, self.start = path, time.time()
+        self.attempts = json.loads(path.read_text())["attempts"] + [0.0] if path.exists() else [0.0]
+
+    def tick(self):
+        self.attempts[-1] = round(time.time() - self.start, 1)
+        write_atomic(self.path, json.dumps({"attempts": self.attempts}))
+
+    def total(self):
+        return sum(self.attempts)
+
+
+def run_dreamer(args, logdir, threads, lock, clock):
     """python dreamer.py ARGS --logdir DIR with output appended to DIR/sweep.log; returns its exit code.
+    ``clock`` ticks every HEARTBEAT seconds while it runs and once at its end.
 
     The child inherits the locked file, so the lock lasts as long as the training process, and it gets
     SIGTERM if this worker dies, so no orphan keeps training unseen.
@@ -279,7 +298,14 @@ def run_dreamer(args, logdir, threads, lock):
         lock.truncate()
         lock.write(f"{child.pid}\n")
         lock.flush()
-        return child.wait()
+        while True:
+            try:
+                rc = child.wait(timeout=HEARTBEAT)
+            except subprocess.TimeoutExpired:
+                clock.tick()
+                continue
+            clock.tick()
+            return rc
 
 
 def die_with_parent():

@@ -317,6 +317,8 @@ def test_sweep_completes_the_grid_and_resumes_a_killed_run(local_ray, tmp_path, 
     assert "sweep: 3/4 done, 0 running, 1 failed, 0 pending" in out
     assert killed == [FIRST_CHECKPOINT_AGENT_STEP] and agent_step(victim) == FIRST_CHECKPOINT_AGENT_STEP
     assert not (victim / sweep.DONE).exists()
+    first_attempt = json.loads((victim / sweep.CLOCK).read_text())["attempts"]
+    assert len(first_attempt) == 1 and first_attempt[0] > 0
     others = [root / name for name in NAMES if name != victim.name]
     for logdir in others:
         assert_complete(logdir, args[logdir])
@@ -331,6 +333,9 @@ def test_sweep_completes_the_grid_and_resumes_a_killed_run(local_ray, tmp_path, 
         assert attempts(logdir) == 1
         assert ((logdir / sweep.DONE).stat().st_mtime_ns, (logdir / "latest.pt").stat().st_mtime_ns) == stamps[logdir]
     assert attempts(victim) == 2
+    clock = json.loads((victim / sweep.CLOCK).read_text())["attempts"]
+    assert len(clock) == 2 and clock[0] == first_attempt[0] and clock[1] > 0
+    assert json.loads((victim / sweep.DONE).read_text())["seconds"] == pytest.approx(sum(clock), abs=0.2)
     assert f"Resumed from {victim / 'latest.pt'} at env step {2 * FIRST_CHECKPOINT_AGENT_STEP}" in (
         (victim / sweep.LOG).read_text(errors="replace"))
     for logdir in args:
