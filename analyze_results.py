@@ -939,6 +939,11 @@ def evaluate_detectors(runs: list, out: str, select_on: list | None = None) -> i
         print(f"\nheld out (chosen: the highest hit rate within {FALSE_ALARM_GOAL:g} false alarm per 100K agent steps):")
         print(render_detector_table(held_out.assign(run=held_out["split"] + ", " + held_out["role"])))
         held_out.to_csv(os.path.join(out, "heldout.csv"), index=False, na_rep="nan")
+        domains = dict(zip(runs_table["run"], runs_table["domain"]))
+        for row in held_out[held_out["role"] == "held out"].to_dict("records"):
+            tested = switches[switches["run"].map(domains).isin(row["domain"].split())]
+            print(f"\nper change, {row['split']} ({row['score']} + {row['detector']}), on held-out {row['domain']}:")
+            print(per_change_table(tested, row["score"], row["detector"]).to_string())
     return 0
 
 

@@ -603,7 +603,7 @@ def write_detection_run(path, task, rising, seed):
     np.savez(path / ar.SCORES_FILE, step=steps, **scores)
 
 
-def test_held_out_selection_chooses_on_some_domains_and_reports_on_the_others(tmp_path):
+def test_held_out_selection_chooses_on_some_domains_and_reports_on_the_others(tmp_path, capsys):
     """obs_nll carries the changes on cartpole, latent_kl on cup: chosen on cartpole, obs_nll finds nothing on
     held-out cup; chosen on cup, latent_kl finds nothing on held-out cartpole. The figures of each side come
     from its own runs only."""
@@ -621,6 +621,9 @@ def test_held_out_selection_chooses_on_some_domains_and_reports_on_the_others(tm
     swapped = rows[("chosen on cup", "selected on")]
     assert (swapped["score"], swapped["detector"], swapped["hits"]) == ("latent_kl", "cusum", "4")
     assert rows[("chosen on cup", "held out")]["hits"] == "0"
+    printed = capsys.readouterr().out.split("per change, chosen on cartpole (obs_nll + cusum), on held-out cup:")[1]
+    changes = printed.split("per change,")[0]
+    assert "cup: task 1" in changes and "cup: task 2" in changes and "cartpole:" not in changes
 
 
 def test_select_on_needs_detectors_and_domains_on_both_sides(tmp_path):
