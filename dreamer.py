@@ -217,9 +217,10 @@ class ChangeMonitor:
 
     Each training policy call gives one value per candidate score (``Dreamer.surprise``):
     the mean over the train envs that are not at an episode start. Every value is recorded
-    with its agent step and the envs' mean episode phase (``stream``, written to ``llcd_scores.npz`` at each checkpoint) so
-    detectors can be replayed offline; ``llcd_score`` names the one the detector sees,
-    averaged over the last ``llcd_smoothing`` calls. A detection opens the gate; so does
+    with its agent step and the envs' mean episode phase (``stream``, written to
+    ``llcd_scores.npz`` at each checkpoint) so detectors can be replayed offline; ``llcd_score``
+    names the one the detector sees, averaged over the last ``llcd_smoothing`` calls. A
+    detection opens the gate; so does
     the start of training, the first change the agent sees (otherwise ``llcd_gate:
     detector`` would act with an untrained context encoder until the first detection).
     """

@@ -260,7 +260,8 @@ def train_point(args, logdir, threads):
         clock = AttemptClock(logdir / CLOCK)
         rc = run_dreamer(args, logdir, threads, lock, clock)
         if rc == 0:
-            write_atomic(logdir / DONE, json.dumps({"args": args, "seconds": round(clock.total(), 1), "finished": now()}))
+            done = {"args": args, "seconds": round(clock.total(), 1), "finished": now()}
+            write_atomic(logdir / DONE, json.dumps(done))
     return {"rc": rc, "seconds": clock.attempts[-1], "error": None if rc == 0 else error_line(logdir, rc)}
 
 
