@@ -481,27 +481,27 @@ def score_frame(wide: pd.DataFrame, group: Group, family: str) -> pd.DataFrame:
     return wide[wide["group"] == group.label].reindex(columns=columns).dropna(axis=1, how="all").dropna()
 
 
-def interval_estimate(scores, func) -> tuple:
+def interval_estimate(scores, func, reps: int = BOOTSTRAP_REPS) -> tuple:
     """(point, low, high) of ``func`` on ``scores`` with a 95% stratified-bootstrap CI (rliable). rliable
     resamples with NumPy's global RNG: it is seeded here for reproducible CIs, then restored."""
     state = np.random.get_state()
     np.random.seed(BOOTSTRAP_SEED)
     try:
-        points, intervals = rly.get_interval_estimates({"x": scores}, func, reps=BOOTSTRAP_REPS)
+        points, intervals = rly.get_interval_estimates({"x": scores}, func, reps=reps)
     finally:
         np.random.set_state(state)
     return (float(np.ravel(points["x"])[0]), *np.ravel(intervals["x"]).tolist())
 
 
-def iqm_table(wide: pd.DataFrame, groups: list) -> pd.DataFrame:
+def iqm_table(wide: pd.DataFrame, groups: list, reps: int = BOOTSTRAP_REPS) -> pd.DataFrame:
     """IQM over runs and tasks and its 95% CI of every aggregate metric per group."""
-    rows = [(g.label, family, *interval_estimate(scores, lambda s: np.array([rly_metrics.aggregate_iqm(s)])),
+    rows = [(g.label, family, *interval_estimate(scores, lambda s: np.array([rly_metrics.aggregate_iqm(s)]), reps),
              *scores.shape) for g in groups for family in AGGREGATES
             if (scores := score_frame(wide, g, family).to_numpy()).size]
     return pd.DataFrame(rows, columns=["group", "metric", "iqm", "ci_low", "ci_high", "runs", "tasks"])
 
 
-def compare_table(wide: pd.DataFrame, a: Group, b: Group) -> pd.DataFrame:
+def compare_table(wide: pd.DataFrame, a: Group, b: Group, reps: int = BOOTSTRAP_REPS) -> pd.DataFrame:
     """Probability (95% CI) that group a improves on group b per aggregate metric, on their common tasks."""
     rows = []
     for family, sign in AGGREGATES.items():
@@ -509,7 +509,7 @@ def compare_table(wide: pd.DataFrame, a: Group, b: Group) -> pd.DataFrame:
         common = x.columns.intersection(y.columns)
         if len(common) and len(x) and len(y):
             pair = [sign * x[common].to_numpy(), sign * y[common].to_numpy()]
-            rows.append((family, *interval_estimate(pair, rly_metrics.probability_of_improvement), len(common)))
+            rows.append((family, *interval_estimate(pair, rly_metrics.probability_of_improvement, reps), len(common)))
     return pd.DataFrame(rows, columns=["metric", "probability", "ci_low", "ci_high", "tasks"])
 
 
@@ -712,11 +712,11 @@ def write_plots(groups: list, wide: pd.DataFrame, iqms: pd.DataFrame, out: str) 
 # ----------------------------------------------------------------- outputs
 
 
-def write_outputs(groups: list, refs: list, out: str) -> tuple:
+def write_outputs(groups: list, refs: list, out: str, reps: int = BOOTSTRAP_REPS) -> tuple:
     """Print the tables; write CSVs, Markdown and PNGs. Returns (written paths, per-run table)."""
     os.makedirs(out, exist_ok=True)
     wide, stats = run_tables(groups, refs)
-    iqms = iqm_table(wide, groups)
+    iqms = iqm_table(wide, groups, reps)
     table = cell_table(stats, [mean_std_cell(*row) for row in stats[["mean", "std", "n"]].to_numpy()], groups)
     intervals = cell_table(iqms, [interval_cell(*row) for row in iqms[["iqm", "ci_low", "ci_high"]].to_numpy()], groups)
     print("Mean ± Std across seeds (std: ddof=1, n/a for a single seed)\n" + table.to_string())
@@ -743,11 +743,11 @@ def check_compare_labels(groups: list, pairs: list) -> None:
         fail(f"--compare: no group '{unknown[0]}'; groups: " + ", ".join(f"'{k}'" for k in known))
 
 
-def print_comparisons(groups: list, wide: pd.DataFrame, pairs: list, out: str) -> str:
+def print_comparisons(groups: list, wide: pd.DataFrame, pairs: list, out: str, reps: int = BOOTSTRAP_REPS) -> str:
     """Print P(A improves on B) per aggregate metric for every pair (A, B); write compare.csv; returns its path."""
     by_label, tables = {g.label: g for g in groups}, []
     for a, b in pairs:
-        table = compare_table(wide, by_label[a], by_label[b])
+        table = compare_table(wide, by_label[a], by_label[b], reps)
         cells = [interval_cell(*row) for row in table[["probability", "ci_low", "ci_high"]].to_numpy()]
         print(f"\nP({a} improves on {b}) [95% CI], less forgetting is better:")
         print(table[["metric", "tasks"]].assign(probability=cells).to_string(index=False))
@@ -1089,6 +1089,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
                         help="keep runs that stop before their schedule ends in the group statistics")
     parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
                         help="probability that group A improves on group B (group labels as printed); repeatable")
+    parser.add_argument("--bootstrap-reps", type=int, default=BOOTSTRAP_REPS, metavar="N",
+                        help=f"bootstrap resamples of each IQM and P(improvement) CI (default {BOOTSTRAP_REPS})")
     parser.add_argument("--anchor", metavar="CSV",
                         help="published scores (task, seed, env_steps, return): the learning table of "
                         "single-task runs against them")
@@ -1106,6 +1108,8 @@ def main(argv: list | None = None) -> int:
     runs = load_runs(expand_paths(args.runs))
     if not runs:
         fail("no run directory with config.yaml and metrics.jsonl among: " + " ".join(args.runs))
+    if args.bootstrap_reps < 1:
+        fail(f"--bootstrap-reps must be at least 1, got {args.bootstrap_reps}")
     if args.select_on and not args.detectors:
         fail("--select-on chooses a detector: add --detectors")
     if args.detectors:
@@ -1122,9 +1126,9 @@ def main(argv: list | None = None) -> int:
              if any(r.has_eval_rows for r in runs) else "no run has eval rows; nothing to analyse")
     if args.compare:
         check_compare_labels(groups, args.compare)
-    written, wide = write_outputs(groups, refs, args.out)
+    written, wide = write_outputs(groups, refs, args.out, args.bootstrap_reps)
     if args.compare:
-        written.append(print_comparisons(groups, wide, args.compare, args.out))
+        written.append(print_comparisons(groups, wide, args.compare, args.out, args.bootstrap_reps))
     info(f"wrote {len(written)} files to {args.out}/")
     return 0
 

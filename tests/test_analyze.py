@@ -728,3 +728,52 @@ def test_the_learning_table_regenerates_from_the_committed_results(tmp_path):
         row = next(r for r in rows if r["task"] == task and int(r["env_steps"]) == 50000)
         assert f"{evals[50000]:.0f}" in row["seeds"].split(" / "), (run, row["seeds"])
     assert (out / "learning.png").stat().st_size > 0
+
+
+def ab_curve(steps, low, high, start, end):
+    """A return that climbs linearly from ``low`` to ``high`` over env steps [start, end] and stays there."""
+    return np.clip(low + (high - low) * (steps - start) / (end - start), min(low, high), max(low, high))
+
+
+def test_the_crl_ab_analysis_script_runs_on_kept_results_named_as_the_sweep_names_them(tmp_path):
+    """studies/crl_ab_analyze.sh on synthetic kept results of its grid (one seed of each arm, the B
+    references): it finds every group and reference, writes every P(improvement) pair, and the LLCD-off
+    runs' first windows serve as A's reference (recovery of A's return after the second switch)."""
+    steps = np.arange(0, 154001, 5000.0)  # prefill 1K agent steps, 3 windows of 25K, action repeat 2
+    steps = np.union1d(steps, [2000.0, 52000.0, 102000.0, 152000.0])
+    common = dict(crl_steps_per_task=25000, prefill=1000, action_repeat=2, eval_every=5000, replay="reservoir")
+    arms = [("-llcdFalse", dict(llcd=False)), *[(f"-llcdTrue-llcd_gate{g}", dict(llcd=True, llcd_gate=g))
+                                              for g in ("always", "never", "detector")]]
+    for task, domain_bonus in (("dmc_cup_catch", 0), ("dmc_cartpole_swingup", 50)):
+        for seed in (0,):
+            for k, (suffix, arm) in enumerate(arms):
+                config = base_config(task=task, seed=seed, crl_tasks=[0, 3, 0], **common, **arm)
+                a = ab_curve(steps, 0, 800 + 20 * k + domain_bonus + seed, 2000, 52000)
+                b = ab_curve(steps, 100, 700 + 10 * k + seed, 52000, 102000)
+                rows = [{"step": float(s), "task_0_eval_return": float(x), "task_3_eval_return": float(y)}
+                        for s, x, y in zip(steps, a, b)]
+                write_run(tmp_path / "results" / f"seed{seed}-task{task}-crl_tasks_0_3_0_{suffix}", config, rows)
+            ref = base_config(task=task, seed=seed, crl_tasks=[3], **common, llcd=False)
+            ref_steps = steps[steps <= 52000]
+            write_run(tmp_path / "results" / f"seed{seed}-task{task}-crl_tasks_3_-llcdFalse", ref,
+                      reference_rows("task_3_eval_return", ref_steps, ab_curve(ref_steps, 0, 650, 2000, 52000)))
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", os.path.join(ROOT, "studies", "crl_ab_analyze.sh"), str(tmp_path / "results"),
+                             str(out), "--bootstrap-reps", "50"], env={**os.environ, "PYTHON": sys.executable},
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(out / "compare.csv") as f:
+        pairs = {(r["group_a"], r["group_b"]) for r in csv.DictReader(f)}
+    assert len(pairs) == 10
+    assert ("cup llcd=True llcd_gate=detector", "cup llcd=False") in pairs
+    assert ("cartpole llcd=True llcd_gate=detector", "cartpole llcd=True llcd_gate=never") in pairs
+    with open(out / "results.csv") as f:
+        table = {(r["group"], r["metric"]): r for r in csv.DictReader(f)}
+    # switch 2 (back to A) of the off arm: A's curve holds 800 through window 3 and the reference (the off
+    # run's own first window) ends window 1 at 800: recovery 1; the always arm (k = 1) holds 820
+    off = table[("cup llcd=False", "recovery/switch2_task0")]
+    assert float(off["mean"]) == pytest.approx(1.0)
+    assert float(table[("cup llcd=True llcd_gate=always", "recovery/switch2_task0")]["mean"]) == pytest.approx(820 / 800)
+    # switch 1 (to B): the first half of window 2 is (52K, 77K]; the reference ends its window at 650
+    early = ab_curve(np.arange(55000.0, 77001, 5000), 100, 700, 52000, 102000)
+    assert float(table[("cup llcd=False", "recovery/switch1_task3")]["mean"]) == pytest.approx(np.mean(early) / 650)
