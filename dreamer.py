@@ -21,6 +21,7 @@ checkpoint, a failed save and repeated non-finite updates end the run with
 one ``error: ...`` line naming the fix.
 """
 
+import collections
 import errno
 import functools
 import io
@@ -61,6 +62,7 @@ class Dreamer(nn.Module):
             "plan2explore": lambda: exploration.Plan2Explore(config, self.wm, self.action_dim, self.discrete),
         }[config.expl_behavior]
         self.expl_behavior = self.expl_behavior() if self.expl_behavior else None
+        self.paired_period = paired_period(config)
         if config.compile and tools.compile_available():
             self.compile_hot_pieces()
 
@@ -117,8 +119,29 @@ class Dreamer(nn.Module):
                                                                      z, data)
         phase = torch.where(data["is_first"].bool(), 0, state["phase"] + 1)  # (N,)
         scores["phase"] = phase.float()
-        return {"openloop": openloop, "phase": phase,
+        step = {"data": {key: value for key, value in data.items() if key != "reward"}, "action": state["action"],
+                "z": z_mean, "phase": phase}
+        reference = state["reference"].advance(step, self.rescore) if state["reference"] else None
+        scores["paired_kl"] = reference.paired(scores["latent_kl_zmean"], phase) if reference else \
+            torch.full_like(phase, math.nan, dtype=torch.float32)
+        return {"openloop": openloop, "phase": phase, "reference": reference,
                 "surprise": {name: score.cpu().numpy() for name, score in scores.items()}}
+
+    def rescore(self, steps):
+        """latent_kl (N,) of each block step of ``steps`` (``ReferenceRing``), taken again by the
+        current world model: a posterior filter from the initial state over the ``WARMUP``
+        steps before the block (episode starts inside still reset it), with the actions and
+        context means used live. -> [(phase (N,), latent_kl (N,))] for the block's steps."""
+        data = {key: torch.stack([step["data"][key] for step in steps], 1) for key in steps[0]["data"]}  # (N, T, ...)
+        action = torch.stack([step["action"] for step in steps], 1)  # (N, T, A)
+        z = torch.stack([step["z"] for step in steps], 1)  # (N, T, Z)
+        is_first = data["is_first"].bool().clone()  # (N, T)
+        is_first[:, 0] = True
+        rng = tools.rng_states()  # the filter samples latents: acting and training draw as without it
+        post, _ = self.wm.dynamics.observe(self.wm.encoder(data), action, is_first, None, z)
+        tools.set_rng_states(rng)
+        kl = self.wm.latent_kl(post).float().masked_fill(is_first, math.nan)  # (N, T)
+        return [(steps[t]["phase"], kl[:, t]) for t in range(ReferenceRing.WARMUP, len(steps))]
 
     def initial_state(self, batch, device):
         state = {"latent": self.wm.dynamics.initial(batch), "action": torch.zeros(batch, self.action_dim, device=device)}
@@ -126,6 +149,7 @@ class Dreamer(nn.Module):
             state["context"] = self.wm.context.initial(batch, self.wm.encoder.out_dim, device)
             state["openloop"] = self.wm.initial_openloop(batch)
             state["phase"] = torch.zeros(batch, dtype=torch.long, device=device)
+            state["reference"] = ReferenceRing(self.paired_period) if self.paired_period else None
         return state
 
     def train_step(self, batch, adapt=False):
@@ -211,6 +235,53 @@ def set_task(envs, task):
 # ----------------------------------------------------------------- LLCD
 
 
+def paired_period(config):
+    """Policy calls between a live step and its ``paired_kl`` reference: whole episodes, at least
+    ``llcd_max_delay`` (so the reference comes from before any change the deadline still covers).
+    Only DMC episodes have a fixed length, which keeps phases matched; elsewhere None (no score)."""
+    if not (config.llcd and config.task.startswith("dmc_")):
+        return None
+    episode = config.time_limit // config.action_repeat
+    max_delay = detector.resolve_max_delay(config.llcd_max_delay, config.time_limit, config.action_repeat)
+    return episode * math.ceil(max_delay / episode)
+
+
+class ReferenceRing:
+    """The live steps the ``paired_kl`` score needs: what the last ``period + WARMUP + 1`` policy
+    calls fed the world model (encoder inputs, the action before, the context mean, the phase),
+    and the reference latent_kl of the steps one ``period`` before the coming calls.
+
+    paired_kl = latent_kl_zmean of a live step minus that of the step one period earlier at the
+    same episode phase, both taken by the current model. The model's own learning and the
+    phase profile move both alike and cancel; a change of the physics raises the live one only,
+    for one period. Every ``BLOCK`` calls the current model re-filters the next block of
+    reference steps (``Dreamer.rescore``): about 2 posterior steps per call. A ring is never
+    changed in place: ``advance`` returns the next one, as the policy state is threaded."""
+
+    BLOCK = 16  # reference steps re-scored together
+    WARMUP = 16  # steps the re-filter runs before a block's first step
+
+    def __init__(self, period, steps=(), pending=()):
+        self.period = period
+        self.steps = collections.deque(steps, maxlen=period + self.WARMUP + 1)  # oldest: call t - period - WARMUP
+        self.pending = collections.deque(pending)  # (phase (N,), latent_kl (N,)) of the coming calls' references
+
+    def advance(self, step, rescore):
+        """The ring after this call's ``step``; a new block is re-scored when the last one is used up."""
+        ring = ReferenceRing(self.period, (*self.steps, step), self.pending)
+        if not ring.pending and len(ring.steps) == ring.steps.maxlen:
+            ring.pending.extend(rescore(list(ring.steps)[:self.WARMUP + self.BLOCK]))
+        return ring
+
+    def paired(self, live, phase):
+        """This call's paired_kl (N,) from its live latent_kl_zmean (N,): NaN until a period is
+        held, and for an env whose reference step is at another phase."""
+        if not self.pending:
+            return torch.full_like(live, math.nan)
+        reference_phase, reference = self.pending.popleft()
+        return torch.where(reference_phase == phase, live - reference, math.nan)
+
+
 class ChangeMonitor:
     """LLCD bookkeeping of a run (docs/design.md#llcd): the live score streams, the change detector,
     the adaptation gate and the agent steps of every detection.
@@ -225,7 +296,7 @@ class ChangeMonitor:
     detector`` would act with an untrained context encoder until the first detection).
     """
 
-    SCORES = ("obs_nll", "latent_kl", "latent_kl_zmean", "reward_nll", "openloop_nll")
+    SCORES = ("obs_nll", "latent_kl", "latent_kl_zmean", "paired_kl", "reward_nll", "openloop_nll")
     FILE = "llcd_scores.npz"
 
     def __init__(self, config):

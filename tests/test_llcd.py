@@ -254,7 +254,7 @@ def test_surprise_is_nan_at_episode_starts_and_grows_with_prediction_error():
     assert set(state["surprise"]) == {*dreamer.ChangeMonitor.SCORES, "phase"}
     for name in dreamer.ChangeMonitor.SCORES:
         score = state["surprise"][name]
-        assert math.isnan(score[0]) and (math.isfinite(score[1]) or name == "openloop_nll")
+        assert math.isnan(score[0]) and (math.isfinite(score[1]) or name in ("openloop_nll", "paired_kl"))
     assert state["z"].shape == (2, config.llcd_context_dim)
     near = {"state": np.zeros((2, OBS_DIM), np.float32), "is_first": np.array([False, False]), "reward": reward}
     far = {"state": np.full((2, OBS_DIM), 50.0, np.float32), "is_first": np.array([False, False]),
@@ -290,6 +290,70 @@ def test_latent_kl_zmean_does_not_depend_on_the_sampled_context_and_phase_counts
     np.testing.assert_array_equal(draws[0]["latent_kl_zmean"], draws[1]["latent_kl_zmean"])
     assert (draws[0]["latent_kl"] != draws[1]["latent_kl"]).all()
     assert np.isfinite(draws[0]["latent_kl_zmean"]).all()
+
+
+def test_paired_kl_subtracts_the_reference_one_period_back_at_the_same_phase():
+    """The ring's alignment, with a stand-in re-scorer that returns each stored step's own value:
+    paired_kl at call c is live(c) - value(c - period), NaN until the ring holds a period and for
+    an env whose reference step is at another phase; a block is re-scored once per BLOCK calls,
+    and advancing never changes the ring it started from."""
+    period, calls, live_offset = 20, 150, 1000.0
+    blocks = []
+
+    def rescore(steps):
+        blocks.append(len(steps))
+        return [(step["phase"], step["value"]) for step in steps[dreamer.ReferenceRing.WARMUP:]]
+
+    ring, out = dreamer.ReferenceRing(period), []
+    for call in range(calls):
+        phase = torch.tensor([call % period, call % (period + 1)])  # env 1: episodes one step longer
+        ring = ring.advance({"phase": phase, "value": torch.full((2,), float(call))}, rescore)
+        out.append(ring.paired(torch.full((2,), live_offset + call), phase).tolist())
+    out = np.array(out)  # (calls, envs)
+    first = period + dreamer.ReferenceRing.WARMUP
+    assert np.isnan(out[:first]).all()
+    np.testing.assert_array_equal(out[first:, 0], live_offset + period)
+    assert np.isnan(out[first:, 1]).all()
+    assert len(blocks) == math.ceil((calls - first) / dreamer.ReferenceRing.BLOCK)
+    assert set(blocks) == {dreamer.ReferenceRing.WARMUP + dreamer.ReferenceRing.BLOCK}
+    ring_before = ring
+    steps_before, pending_before = list(ring.steps), list(ring.pending)
+    ring_before.advance({"phase": torch.tensor([0, 0]), "value": torch.zeros(2)}, rescore)
+    assert list(ring_before.steps) == steps_before and list(ring_before.pending) == pending_before
+
+
+def test_rescore_is_the_live_filter_started_warmup_steps_before_the_block():
+    """The reference latent_kl of a block step equals what acting's own path (obs_step, then
+    latent_kl) gives when it starts from the initial state at the ring's first step, with the same
+    actions, context means and random draws; an episode start inside still resets the filter."""
+    config = llcd_config()
+    torch.manual_seed(0)
+    agent = dreamer.Dreamer(dreamer_obs_space(), dreamer_act_space(), config)
+    warmup, block = dreamer.ReferenceRing.WARMUP, dreamer.ReferenceRing.BLOCK
+    generator = torch.Generator().manual_seed(1)
+    steps = []
+    for t in range(warmup + block):
+        first = torch.tensor([t == 0, t == warmup + 3])
+        steps.append({"data": {"state": torch.randn(2, OBS_DIM, generator=generator), "is_first": first},
+                      "action": torch.rand(2, ACTION_DIM, generator=generator) * 2 - 1,
+                      "z": torch.randn(2, config.llcd_context_dim, generator=generator),
+                      "phase": torch.tensor([t, t]) % 7})
+    torch.manual_seed(5)
+    with torch.no_grad():
+        rescored = agent.rescore(steps)
+    torch.manual_seed(5)
+    latent, expected = agent.wm.dynamics.initial(2), []
+    with torch.no_grad():
+        for t, step in enumerate(steps):
+            first = step["data"]["is_first"] | (t == 0)
+            latent = agent.wm.dynamics.obs_step(latent, step["action"], agent.wm.encoder(step["data"]), first,
+                                                step["z"])
+            expected.append(agent.wm.latent_kl(latent).masked_fill(first, math.nan))
+    assert len(rescored) == block
+    for t, (phase, kl) in enumerate(rescored):
+        assert phase.tolist() == steps[warmup + t]["phase"].tolist()
+        torch.testing.assert_close(kl, expected[warmup + t], equal_nan=True)
+    assert math.isnan(rescored[3][1][1]) and math.isfinite(rescored[3][1][0])
 
 
 def test_latent_kl_is_the_kl_of_the_posterior_from_the_one_step_prior():
@@ -530,6 +594,8 @@ def test_llcd_run_logs_score_gate_probe_and_resumes_the_detector(tmp_path, monke
     with np.load(tmp_path / dreamer.ChangeMonitor.FILE) as recorded:
         assert recorded["step"].tolist() == list(range(100, 300))
         for name in dreamer.ChangeMonitor.SCORES:
+            if name == "paired_kl":
+                continue  # finite once a (re)started policy state holds a period: test_a_real_run_...
             every = 8 if name == "openloop_nll" else 1  # scored every llcd_openloop_horizon calls
             assert len(recorded[name]) == 200 and np.isfinite(recorded[name]).mean() > 0.9 / every
         phase = recorded["phase"]  # episodes of 100 agent steps: +1 per call, or back to 0 at a new episode
@@ -558,4 +624,6 @@ def test_a_real_run_detects_its_physics_switch_in_time_and_its_control_raises_no
     assert max_delay == 100
     found = llcd_detections(tmp_path / "switch", "[0, 1]")
     assert len(found) == 1 and switch <= found[0] <= switch + max_delay
+    with np.load(tmp_path / "switch" / dreamer.ChangeMonitor.FILE) as recorded:  # real episodes keep phases matched
+        assert np.isfinite(recorded["paired_kl"][max_delay + dreamer.ReferenceRing.WARMUP + 1:]).mean() > 0.95
     assert llcd_detections(tmp_path / "control", "[0, 0]") == []

@@ -499,6 +499,8 @@ BAD_INPUT = [
     (["--eval_only", "True", "--eval_policy", "random", "--eval_tasks", "[0, 9]"], "eval_tasks [9] are not defined"),
     (["--eval_only", "True", "--eval_policy", "random", "--eval_tasks", "[1]", "--task", "dmc_cheetah_run"],
      "has no continual-physics env (eval_tasks is set)"),
+    (["--llcd", "True", "--llcd_score", "paired_kl", "--llcd_log_score", "True"], "'llcd_score: paired_kl' needs a dmc_ task"),
+    (["--llcd", "True", "--llcd_score", "paired_kl", "--task", "atari_pong"], "'llcd_score: paired_kl' needs a dmc_ task"),
 ]
 
 
