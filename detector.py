@@ -474,7 +474,7 @@ class PhaseNormalizer:
     differ in surprise more than most changes move it (contacts, swings, the start); this removes
     that profile. The lag (the detection deadline, as in ``CusumDetector``) keeps a change's own
     values out of the baseline it is measured against. NaN for a non-finite value or phase, and
-    while the bucket holds fewer than ``min_count`` values."""
+    while the bucket holds fewer than ``min_count`` values. O(1) per call (``RunningWindow``)."""
 
     def __init__(self, bucket=25, window=200, lag=500, min_count=20, std_floor=1e-3):
         _check_int("bucket", bucket, 1)
@@ -482,7 +482,7 @@ class PhaseNormalizer:
         _check_int("window", window, min_count)
         _check_int("lag", lag, 0)
         self.bucket, self.lag, self.min_count, self.std_floor = int(bucket), int(lag), int(min_count), float(std_floor)
-        self.buckets = collections.defaultdict(lambda: collections.deque(maxlen=int(window)))
+        self.buckets = collections.defaultdict(lambda: RunningWindow(int(window)))
         self.pending = collections.deque()  # (call, bucket, value) younger than lag
         self.calls = 0
 
@@ -490,15 +490,47 @@ class PhaseNormalizer:
         call, self.calls = self.calls, self.calls + 1
         while self.pending and self.pending[0][0] <= call - self.lag:
             _, key, old = self.pending.popleft()
-            self.buckets[key].append(old)
+            self.buckets[key].push(old)
         if not (math.isfinite(value) and math.isfinite(phase)):
             return math.nan
         key = int(phase) // self.bucket
         self.pending.append((call, key, float(value)))
         history = self.buckets[key]
-        if len(history) < self.min_count:
+        if len(history.values) < self.min_count:
             return math.nan
-        return float((value - np.mean(history)) / max(float(np.std(history)), self.std_floor))
+        return (value - history.mean) / max(history.std, self.std_floor)
+
+
+class RunningWindow:
+    """The last ``size`` values with their mean and (population) std from running sums of x - shift,
+    shift the first value (so a large mean does not cancel the spread); the sums are recomputed
+    exactly every ``size`` evictions, which bounds their round-off."""
+
+    def __init__(self, size):
+        self.values = collections.deque(maxlen=size)
+        self.shift, self.sum, self.sumsq, self.evictions = 0.0, 0.0, 0.0, 0
+
+    def push(self, x):
+        if not self.values:
+            self.shift = x
+        if len(self.values) == self.values.maxlen:
+            old = self.values[0] - self.shift
+            self.sum, self.sumsq, self.evictions = self.sum - old, self.sumsq - old * old, self.evictions + 1
+        self.values.append(x)
+        d = x - self.shift
+        self.sum, self.sumsq = self.sum + d, self.sumsq + d * d
+        if self.evictions >= self.values.maxlen:
+            centred = np.asarray(self.values) - self.shift
+            self.sum, self.sumsq, self.evictions = float(centred.sum()), float(centred @ centred), 0
+
+    @property
+    def mean(self):
+        return self.shift + self.sum / len(self.values)
+
+    @property
+    def std(self):
+        n = len(self.values)
+        return math.sqrt(max(self.sumsq / n - (self.sum / n) ** 2, 0.0))
 
 
 class FusedCusum:

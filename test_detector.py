@@ -601,6 +601,22 @@ def test_phase_baseline_takes_only_values_older_than_the_lag():
     assert math.isnan(normalizer.update(math.nan, 0)) and math.isnan(normalizer.update(1.0, math.nan))
 
 
+def test_phase_running_statistics_match_numpy_over_the_explicit_window():
+    """The O(1) running sums give what numpy computes on each bucket's last ``window`` lagged values,
+    also for a heavy-tailed score far from 0 (the case where raw sums would cancel)."""
+    rng = np.random.default_rng(1)
+    values, phases = 100.0 + rng.standard_t(3, size=4000), np.arange(4000) % 120
+    normalizer = PhaseNormalizer(bucket=10, window=30, lag=120, min_count=5)
+    for call, (value, phase) in enumerate(zip(values, phases)):
+        got = normalizer.update(value, phase)
+        older = np.flatnonzero((np.arange(4000) <= call - 120) & (phases // 10 == phase // 10))[-30:]
+        if len(older) < 5:
+            assert math.isnan(got)
+            continue
+        reference = values[older]
+        assert got == pytest.approx((value - reference.mean()) / max(reference.std(), 1e-3), rel=1e-9, abs=1e-9)
+
+
 def test_fused_cusum_declares_a_rise_in_any_stream_and_rebaselines_all():
     rng = np.random.default_rng(0)
     members = [CusumDetector(false_alarms_per_100k=1.0 / 3) for _ in range(3)]
