@@ -4,6 +4,7 @@ detection report, the probe, ``--llcd False`` and a tiny end-to-end continual ru
 import copy
 import math
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -602,17 +603,22 @@ def test_llcd_run_logs_score_gate_probe_and_resumes_the_detector(tmp_path, monke
         assert ((np.diff(phase) == 1) | (phase[1:] == 0)).all() and phase.max() <= 99 and (phase == 0).sum() >= 2
 
 
-def llcd_detections(logdir, tasks):
-    """Agent steps of the changes a real debug-sized LLCD run declares: cartpole balance,
-    600 agent steps per task, task 1 = a 5 N wind on the pole (default score and detector). The
-    CUSUM's baseline is the last 200 scores and its burn-in ends by call 200: with the defaults
-    (5,000 scores, burn-in up to 1,000) a 600-step task is too short for the baseline to leave the
-    world model's first, steeply falling scores behind, and the switch then goes unseen."""
-    run_main(["--configs", "debug", "--task", "dmc_cartpole_balance", "--crl_tasks", tasks,
-              "--crl_steps_per_task", "600", "--crl_task_defs.cartpole.1", "{wind: 5.0}", "--llcd", "True",
-              "--llcd_burn_in", "20", "--llcd_cusum_window", "200",
-              "--device", "cpu", "--threads", "1", "--logdir", str(logdir)])
-    return tools.load_checkpoint(logdir / "latest.pt", "cpu")["llcd"]["detections"]
+def llcd_detections(logdirs):
+    """Agent steps of the changes real debug-sized LLCD runs declare, {logdir: schedule} run side by
+    side, one process and thread each: cartpole balance, 600 agent steps per task, task 1 = a 5 N
+    wind on the pole (default score and detector). The CUSUM's baseline is the last 200 scores and
+    its burn-in ends by call 200: with the defaults (5,000 scores, burn-in up to 1,000) a 600-step
+    task is too short for the baseline to leave the world model's first, steeply falling scores
+    behind, and the switch then goes unseen."""
+    runs = [subprocess.Popen([sys.executable, "dreamer.py", "--configs", "debug", "--task", "dmc_cartpole_balance",
+                              "--crl_tasks", tasks, "--crl_steps_per_task", "600",
+                              "--crl_task_defs.cartpole.1", "{wind: 5.0}", "--llcd", "True", "--llcd_burn_in", "20",
+                              "--llcd_cusum_window", "200", "--device", "cpu", "--threads", "1",
+                              "--logdir", str(logdir)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for logdir, tasks in logdirs.items()]
+    for run in runs:
+        assert run.wait(timeout=1200) == 0, run.stderr.read().decode()[-2000:]
+    return [tools.load_checkpoint(logdir / "latest.pt", "cpu")["llcd"]["detections"] for logdir in logdirs]
 
 
 def test_a_real_run_detects_its_physics_switch_in_time_and_its_control_raises_nothing(tmp_path):
@@ -622,8 +628,8 @@ def test_a_real_run_detects_its_physics_switch_in_time_and_its_control_raises_no
     none. With the default baseline (5,000 scores) seeds 0 and 1 missed it."""
     switch, max_delay = 700, detector.resolve_max_delay(0, 200, 2)
     assert max_delay == 100
-    found = llcd_detections(tmp_path / "switch", "[0, 1]")
+    found, control = llcd_detections({tmp_path / "switch": "[0, 1]", tmp_path / "control": "[0, 0]"})
     assert len(found) == 1 and switch <= found[0] <= switch + max_delay
     with np.load(tmp_path / "switch" / dreamer.ChangeMonitor.FILE) as recorded:  # real episodes keep phases matched
         assert np.isfinite(recorded["paired_kl"][max_delay + dreamer.ReferenceRing.WARMUP + 1:]).mean() > 0.95
-    assert llcd_detections(tmp_path / "control", "[0, 0]") == []
+    assert control == []
