@@ -357,6 +357,31 @@ def test_rescore_is_the_live_filter_started_warmup_steps_before_the_block():
     assert math.isnan(rescored[3][1][1]) and math.isfinite(rescored[3][1][0])
 
 
+def test_the_paired_reference_leaves_acting_as_it_was():
+    """Re-scoring reference blocks samples latents but restores the random streams: the same agent
+    acts identically with and without a ring, through several re-scored blocks."""
+    config = llcd_config("--time_limit", "40")  # episodes of 20 calls: the ring is full after 37
+    torch.manual_seed(0)
+    agent = dreamer.Dreamer(dreamer_obs_space(), dreamer_act_space(), config)
+    rng = np.random.default_rng(0)
+    observations = [{"state": rng.normal(size=(2, OBS_DIM)).astype(np.float32), "is_first": np.full(2, t % 20 == 0),
+                     "reward": np.zeros(2, np.float32)} for t in range(90)]
+    actions, paired = {}, {}
+    for period in (None, agent.paired_period):
+        agent.paired_period = period
+        torch.manual_seed(1)
+        state, taken, scores = None, [], []
+        for obs in observations:
+            action, state = agent.policy(obs, state, "train")
+            taken.append(action)
+            scores.append(state["surprise"]["paired_kl"])
+        actions[period], paired[period] = np.stack(taken), np.stack(scores)
+    assert period == 20
+    np.testing.assert_array_equal(actions[None], actions[20])
+    starts = np.arange(90) % 20 == 0
+    assert np.isnan(paired[None]).all() and np.isfinite(paired[20][37:][~starts[37:]]).all()
+
+
 def test_latent_kl_is_the_kl_of_the_posterior_from_the_one_step_prior():
     """latent_kl = KL[post || prior] (unimix) of the live step: 0 when the observation leaves the
     belief where the dynamics put it, and equal to the categorical KL computed by hand."""
