@@ -777,3 +777,53 @@ def test_the_crl_ab_analysis_script_runs_on_kept_results_named_as_the_sweep_name
     # switch 1 (to B): the first half of window 2 is (52K, 77K]; the reference ends its window at 650
     early = ab_curve(np.arange(55000.0, 77001, 5000), 100, 700, 52000, 102000)
     assert float(table[("cup llcd=False", "recovery/switch1_task3")]["mean"]) == pytest.approx(np.mean(early) / 650)
+
+
+# ----------------------------------------------------------------- the detection corpus
+
+
+CORPUS = os.path.join(ROOT, "studies", "results", "llcd_detection")
+
+
+def test_the_committed_corpus_replays_exactly_the_changes_each_run_declared_live():
+    """The kept float16 scores are enough to stand for a run: its own score and detector, replayed from
+    them with its settings, declare exactly the changes the live run declared (its llcd_detection
+    metric rows), at the same agent steps."""
+    import gzip
+    runs = sorted(os.listdir(CORPUS))
+    assert runs
+    for name in runs:
+        path = os.path.join(CORPUS, name)
+        settings = {**ar.config_defaults(), **ar.read_config(os.path.join(path, "config.yaml"))}
+        with gzip.open(os.path.join(path, "metrics.jsonl.gz"), "rt") as f:
+            live = [row["step"] // settings["action_repeat"] for row in map(json.loads, f) if "llcd_detection" in row]
+        with np.load(os.path.join(path, ar.SCORES_FILE)) as data:
+            stream = {key: data[key] if key == "step" else data[key].astype(np.float32) for key in data.files}
+        inputs = ar.detector_inputs(stream, settings)
+        replayed = ar.replay_detections(inputs, [settings["llcd_score"]], stream["step"], settings,
+                                        settings["llcd_detector"])
+        assert replayed == live, name
+
+
+def test_the_detection_table_regenerates_from_the_committed_corpus(tmp_path):
+    """The command of docs/llcd.md on the corpus: every run, every candidate (each score, phase-normalised
+    too, and the two fusions) under each detector, with hits within the switches; with runs of several
+    domains, the held-out table: chosen on one half of the domains, then on the other."""
+    domains = sorted({ar.domain_of(ar.read_config(os.path.join(CORPUS, name, "config.yaml"))["task"])
+                      for name in os.listdir(CORPUS)})
+    select = ["--select-on", *domains[:len(domains) // 2]] if len(domains) > 1 else []
+    done = subprocess.run([sys.executable, "analyze_results.py", CORPUS, "--detectors", *select, "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "detectors.csv")))
+    for name in os.listdir(CORPUS):
+        with np.load(os.path.join(CORPUS, name, ar.SCORES_FILE)) as data:
+            scores = [key for key in data.files if key not in ("step", "phase")]
+        mine = [row for row in rows if row["run"] == os.path.join(CORPUS, name)]
+        assert len(mine) == 2 * 2 * len(scores) + 2, name  # (score, score@phase) x 2 detectors + 2 fusions
+        assert all(int(row["hits"]) <= int(row["switches"]) for row in mine)
+    if select:
+        held_out = list(csv.DictReader(open(tmp_path / "heldout.csv")))
+        halves = ["+".join(domains[:len(domains) // 2]), "+".join(domains[len(domains) // 2:])]
+        assert [(row["split"], row["role"]) for row in held_out] == [
+            (f"chosen on {half}", role) for half in halves for role in ("selected on", "held out")]
