@@ -28,9 +28,9 @@ Rule
 
 Cost and numerics
 -----------------
-``update`` is O(1): the window is a fixed-size NumPy ring buffer and the mean
-and variance come from running sums of ``x - shift``. Raw sums of x and x**2
-cancel catastrophically when the mean is large compared with the spread (an
+``update`` is O(1): the window is a ``RunningWindow`` (the phase normaliser's
+too) whose mean and variance come from running sums of ``x - shift``. Raw sums
+of x and x**2 cancel catastrophically when the mean is large compared with the spread (an
 NLL of ~1e3 with a std of ~1), and add/subtract round-off accumulates over a
 long stream. Both are handled by shifted sums with a periodic exact refresh:
 ``shift`` is the first value after a re-baseline, and after every
@@ -39,7 +39,7 @@ long stream. Both are handled by shifted sums with a periodic exact refresh:
 every ``history_window`` steps, i.e. amortised O(1), and it bounds both the
 accumulated round-off and the distance of the data from the shift.
 
-``state_dict`` / ``load_state_dict`` carry the buffer and the running sums
+``state_dict`` / ``load_state_dict`` carry the window and the running sums
 verbatim, so a resumed detector is bit-for-bit identical to one that never
 stopped.
 """
@@ -107,13 +107,12 @@ class ChangeDetector:
         self._burn_in = int(burn_in)
         self._std_floor = float(std_floor)
         self._cooldown = int(cooldown)
-        self._buf = np.zeros(self._window, dtype=np.float64)
+        self._baseline = RunningWindow(self._window)
         self._steps = 0
         self._nonfinite = 0
         self._streak = 0
         self._cooldown_end = -1
         self._detections = []
-        self._clear_window()
 
     # ------------------------------------------------------------------ API
 
@@ -126,7 +125,7 @@ class ChangeDetector:
             self._nonfinite += 1
             return False
         if x <= self.threshold:
-            self._push(x)
+            self._baseline.push(x)
             self._streak = 0
             return False
         self._streak += 1
@@ -145,23 +144,17 @@ class ChangeDetector:
     @property
     def mean(self):
         """Mean of the baseline window (nan when empty)."""
-        if self._count == 0:
-            return math.nan
-        return self._shift + self._sum / self._count
+        return self._baseline.mean()
 
     @property
     def std(self):
         """Sample std (ddof=1) of the baseline window (nan below two scores)."""
-        n = self._count
-        if n < 2:
-            return math.nan
-        var = (self._sumsq - self._sum * self._sum / n) / (n - 1)
-        return math.sqrt(max(var, 0.0))
+        return self._baseline.std(ddof=1)
 
     @property
     def ready(self):
         """True once ``burn_in`` normal scores are in the baseline window."""
-        return self._count >= self._burn_in
+        return len(self._baseline.values) >= self._burn_in
 
     @property
     def in_cooldown(self):
@@ -181,7 +174,7 @@ class ChangeDetector:
     @property
     def window_size(self):
         """Number of scores currently in the baseline window."""
-        return self._count
+        return len(self._baseline.values)
 
     @property
     def detections(self):
@@ -189,16 +182,20 @@ class ChangeDetector:
         return list(self._detections)
 
     def state_dict(self):
-        """Plain Python/NumPy snapshot from which ``load_state_dict`` resumes exactly."""
+        """Plain Python/NumPy snapshot from which ``load_state_dict`` resumes exactly. The window is
+        written as a ring buffer (oldest first, next write at ``head``), the format of earlier versions."""
+        window = self._baseline
+        buffer = np.zeros(self._window, dtype=np.float64)
+        buffer[:len(window.values)] = window.values
         return {
             "config": self._config(),
-            "buffer": self._buf.copy(),
-            "head": self._head,
-            "count": self._count,
-            "shift": self._shift,
-            "sum": self._sum,
-            "sumsq": self._sumsq,
-            "evictions": self._evictions,
+            "buffer": buffer,
+            "head": len(window.values) % self._window,
+            "count": len(window.values),
+            "shift": window.shift,
+            "sum": window.sum,
+            "sumsq": window.sumsq,
+            "evictions": window.evictions,
             "steps": self._steps,
             "nonfinite": self._nonfinite,
             "streak": self._streak,
@@ -211,15 +208,14 @@ class ChangeDetector:
         if dict(d["config"]) != self._config():
             raise ValueError(f"state_dict config {dict(d['config'])} does not match detector config {self._config()}")
         buf = np.asarray(d["buffer"], dtype=np.float64)
-        if buf.shape != self._buf.shape:
-            raise ValueError(f"state_dict buffer has shape {buf.shape}, expected {self._buf.shape}")
-        self._buf = buf.copy()
-        self._head = int(d["head"])
-        self._count = int(d["count"])
-        self._shift = float(d["shift"])
-        self._sum = float(d["sum"])
-        self._sumsq = float(d["sumsq"])
-        self._evictions = int(d["evictions"])
+        if buf.shape != (self._window,):
+            raise ValueError(f"state_dict buffer has shape {buf.shape}, expected {(self._window,)}")
+        count, head = int(d["count"]), int(d["head"])
+        window = self._baseline
+        window.values.clear()
+        window.values.extend((buf[:count] if count < self._window else np.roll(buf, -head)).tolist())  # oldest first
+        window.shift, window.sum, window.sumsq = float(d["shift"]), float(d["sum"]), float(d["sumsq"])
+        window.evictions = int(d["evictions"])
         self._steps = int(d["steps"])
         self._nonfinite = int(d["nonfinite"])
         self._streak = int(d["streak"])
@@ -238,46 +234,11 @@ class ChangeDetector:
             "cooldown": self._cooldown,
         }
 
-    def _clear_window(self):
-        self._head = 0
-        self._count = 0
-        self._shift = 0.0
-        self._sum = 0.0
-        self._sumsq = 0.0
-        self._evictions = 0
-
-    def _push(self, x):
-        """Add a normal score to the ring buffer, evicting the oldest when full."""
-        if self._count == 0:
-            self._shift = x
-        if self._count == self._window:
-            old = float(self._buf[self._head]) - self._shift
-            self._sum -= old
-            self._sumsq -= old * old
-            self._evictions += 1
-        else:
-            self._count += 1
-        d = x - self._shift
-        self._buf[self._head] = x
-        self._sum += d
-        self._sumsq += d * d
-        self._head = (self._head + 1) % self._window
-        if self._evictions >= self._window:
-            self._refresh()
-
-    def _refresh(self):
-        """Recompute the sums exactly from the (full) buffer, re-centred on its mean."""
-        self._shift = float(self._buf.mean())
-        centred = self._buf - self._shift
-        self._sum = float(centred.sum())
-        self._sumsq = float(centred @ centred)
-        self._evictions = 0
-
     def _declare(self, step):
         self._detections.append(step)
         self._cooldown_end = step + self._cooldown
         self._streak = 0
-        self._clear_window()
+        self._baseline.clear()
 
 
 class CusumDetector:
@@ -498,16 +459,20 @@ class PhaseNormalizer:
         history = self.buckets[key]
         if len(history.values) < self.min_count:
             return math.nan
-        return (value - history.mean) / max(history.std, self.std_floor)
+        return (value - history.mean()) / max(history.std(), self.std_floor)
 
 
 class RunningWindow:
-    """The last ``size`` values with their mean and (population) std from running sums of x - shift,
-    shift the first value (so a large mean does not cancel the spread); the sums are recomputed
-    exactly every ``size`` evictions, which bounds their round-off."""
+    """The last ``size`` values with their mean and std from running sums of x - shift, shift the first
+    value after a clear (so a large mean does not cancel the spread); every ``size`` evictions the sums
+    are recomputed exactly, re-centred on the window mean, which bounds their round-off."""
 
     def __init__(self, size):
         self.values = collections.deque(maxlen=size)
+        self.clear()
+
+    def clear(self):
+        self.values.clear()
         self.shift, self.sum, self.sumsq, self.evictions = 0.0, 0.0, 0.0, 0
 
     def push(self, x):
@@ -520,17 +485,19 @@ class RunningWindow:
         d = x - self.shift
         self.sum, self.sumsq = self.sum + d, self.sumsq + d * d
         if self.evictions >= self.values.maxlen:
-            centred = np.asarray(self.values) - self.shift
+            values = np.asarray(self.values)
+            self.shift = float(values.mean())
+            centred = values - self.shift
             self.sum, self.sumsq, self.evictions = float(centred.sum()), float(centred @ centred), 0
 
-    @property
     def mean(self):
-        return self.shift + self.sum / len(self.values)
+        """NaN when empty."""
+        return self.shift + self.sum / len(self.values) if self.values else math.nan
 
-    @property
-    def std(self):
+    def std(self, ddof=0):
+        """NaN with ``ddof`` values or fewer."""
         n = len(self.values)
-        return math.sqrt(max(self.sumsq / n - (self.sum / n) ** 2, 0.0))
+        return math.sqrt(max((self.sumsq - self.sum * self.sum / n) / (n - ddof), 0.0)) if n > ddof else math.nan
 
 
 class FusedCusum:
