@@ -51,6 +51,7 @@ step), with wall time per run and the CPU (learning_table.md/.csv, learning.png)
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import glob
 import gzip
 import json
@@ -81,6 +82,9 @@ CONVERGENCE_FRACTION = 0.9
 LOSS_TAIL = 10
 FALSE_ALARM_UNIT = 100_000  # agent steps
 FALSE_ALARM_GOAL = 1.0  # per FALSE_ALARM_UNIT: the detection goal's false-alarm bound
+# The settings each detector is replayed at, (config key, short name, values): the false-alarm budget a CUSUM is
+# built for and the sigma rule's multiple, each traded for delay and hits.
+DETECTOR_GRID = {"cusum": ("llcd_false_alarms_per_100k", "fa", (1.0, 0.1)), "threshold": ("llcd_sigma", "sigma", (3.0, 5.0))}
 DEFAULT_GROUP_KEYS = ("domain", "llcd", "replay")
 BOOTSTRAP_REPS, BOOTSTRAP_SEED = 2000, 0
 CURVE_POINTS, PLOT_BOOT = 200, 300  # plotted grid points per curve, bootstrap resamples per plotted CI
@@ -771,16 +775,16 @@ def config_defaults() -> dict:
 
 
 def detector_inputs(stream: dict, settings: dict) -> dict:
-    """What a detector sees per call, by candidate name: each recorded score through the run's
-    ``ScoreFilter``, and where the phase was recorded, that phase-normalised too (``<score>@phase``)."""
+    """What a detector sees per call, by candidate name (``detector.CandidateScore``, as live): each
+    recorded score, and where the phase was recorded, that phase-normalised too (``<score>@phase``)."""
+    scores = [key for key in stream if key not in ("step", "phase")]
+    names = scores + ([score + detector.PHASE for score in scores] if "phase" in stream else [])
+    phases = stream["phase"].tolist() if "phase" in stream else [math.nan] * len(stream["step"])
     inputs = {}
-    for score in (key for key in stream if key not in ("step", "phase")):
-        smoothing = detector.score_filter(settings)
-        inputs[score] = np.array([smoothing.update(value) for value in stream[score].tolist()])
-        if "phase" in stream:
-            normalizer = detector.phase_normalizer(settings)
-            inputs[f"{score}@phase"] = np.array([normalizer.update(value, phase) for value, phase
-                                                 in zip(inputs[score].tolist(), stream["phase"].tolist())])
+    for name in names:
+        candidate, values = detector.CandidateScore(settings, name), stream[name.removesuffix(detector.PHASE)]
+        inputs[name] = np.array([candidate.update({candidate.score: value}, phase)
+                                 for value, phase in zip(values.tolist(), phases)])
     return inputs
 
 
@@ -801,10 +805,28 @@ def replay_detections(inputs: dict, names: list, steps: np.ndarray, settings: di
     return [step for step, row in zip(steps.tolist(), matrix) if fused.update(row)]
 
 
+def detector_label(name: str, settings: dict) -> str:
+    """'cusum(fa=1)': a detector and its DETECTOR_GRID setting in ``settings``."""
+    key, short, _ = DETECTOR_GRID[name]
+    return f"{name}({short}={settings[key]:g})"
+
+
+def detector_settings() -> list:
+    """(label, detector name, config overrides) of every detector setting the replay tries."""
+    return [(detector_label(name, {key: value}), name, {key: value})
+            for name, (key, _, values) in DETECTOR_GRID.items() for value in values]
+
+
+def live_options(score: str, label: str) -> str:
+    """The dreamer.py options that run candidate ``score`` under detector setting ``label`` live."""
+    name, setting = label.rstrip(")").split("(")
+    return f"--llcd_score {score} --llcd_detector {name} --{DETECTOR_GRID[name][0]} {setting.split('=')[1]}"
+
+
 def detector_rows(run: Run, defaults: dict) -> tuple:
-    """(one strict-scoring row per candidate x detector, one row per switch of each) of one run's recorded
-    stream; the candidates: every score, phase-normalised too where the phase was recorded, and their
-    max-of-CUSUMs fusions."""
+    """(one strict-scoring row per candidate x detector setting, one row per switch of each) of one run's
+    recorded stream; the candidates: every score, phase-normalised too where the phase was recorded, and
+    their max-of-CUSUMs fusions."""
     settings = {**defaults, **run.config}
     with np.load(os.path.join(run.path, SCORES_FILE), allow_pickle=False) as data:  # kept results: float16
         stream = {key: data[key] if key == "step" else data[key].astype(np.float32) for key in data.files}
@@ -815,16 +837,18 @@ def detector_rows(run: Run, defaults: dict) -> tuple:
     steps = int(stream["step"][-1]) + 1 if len(stream["step"]) else 0
     changes = switch_changes(run, settings)
     inputs = detector_inputs(stream, settings)
-    pairs = [(score, [score], name) for score in inputs for name in detector.DETECTORS]
-    pairs += [(fused, names, "cusum") for fused, names in fusions(inputs).items()]
+    grid = detector_settings()
+    pairs = [(score, [score], setting) for score in inputs for setting in grid]
+    pairs += [(fused, names, setting) for fused, names in fusions(inputs).items()
+              for setting in grid if setting[1] == "cusum"]
     rows, per_switch = [], []
-    for score, names, name in pairs:
-        found = replay_detections(inputs, names, stream["step"], settings, name)
+    for score, names, (label, name, overrides) in pairs:
+        found = replay_detections(inputs, names, stream["step"], {**settings, **overrides}, name)
         report = detection_report(found, switches, steps, max_delay, FALSE_ALARM_UNIT)
-        per_switch += [(run.path, score, name, change, start, result, delay, first_in_window(found, start, end))
+        per_switch += [(run.path, score, label, change, start, result, delay, first_in_window(found, start, end))
                        for change, (start, end), result, delay
                        in zip(changes, switches, report["outcomes"], report["delays"])]
-        rows.append({"run": run.path, "domain": run.domain, "score": score, "detector": name,
+        rows.append({"run": run.path, "domain": run.domain, "score": score, "detector": label,
                      "switches": len(switches), **report,
                      "false_alarms_per_100k": report["false_alarms_per_unit"], "agent_steps": steps})
     return rows, per_switch
@@ -882,13 +906,19 @@ def render_detector_table(table: pd.DataFrame) -> str:
 
 
 def choose_candidate(pooled: pd.DataFrame) -> pd.Series:
-    """The default chosen on pooled figures: the highest hit rate among the candidates within the false-alarm
-    goal (ties: fewer false alarms, then a shorter median delay); if none is within it, the fewest false alarms."""
-    within = pooled[pooled["false_alarms_per_100k"] <= FALSE_ALARM_GOAL]
-    if len(within):
-        return within.sort_values(["hit_rate", "false_alarms_per_100k", "median_delay"],
-                                  ascending=[False, True, True]).iloc[0]
-    return pooled.sort_values(["false_alarms_per_100k", "hit_rate"], ascending=[True, False]).iloc[0]
+    """The default chosen on pooled figures, among the candidates a live run can use (not the fusions): the
+    highest hit rate (ties: fewer false alarms, then a shorter median delay) within the false-alarm goal, or,
+    where no candidate there beats its chance hit rate, within the smallest budget, doubling from the goal,
+    where one does (a default that finds nothing is no default)."""
+    live = pooled[~pooled["score"].str.startswith("max(")]
+    useful = live[live["hit_rate"] > live["chance_hit_rate"]]
+    if not len(useful):
+        return live.sort_values(["false_alarms_per_100k", "hit_rate"], ascending=[True, False]).iloc[0]
+    budget = FALSE_ALARM_GOAL * 2.0 ** math.ceil(math.log2(max(useful["false_alarms_per_100k"].min()
+                                                               / FALSE_ALARM_GOAL, 1.0)))
+    within = live[live["false_alarms_per_100k"] <= budget * (1 + 1e-9)]
+    return within.sort_values(["hit_rate", "false_alarms_per_100k", "median_delay"],
+                              ascending=[False, True, True]).iloc[0]
 
 
 def held_out_table(runs_table: pd.DataFrame, select_on: list) -> pd.DataFrame:
@@ -918,17 +948,16 @@ def evaluate_detectors(runs: list, out: str, select_on: list | None = None) -> i
         warn(f"{run.path}: no {SCORES_FILE} (an LLCD run of this version writes it); skipped")
     if not usable:
         fail(f"no run has {SCORES_FILE}; run dreamer.py with --llcd True first")
-    rows, per_switch = [], []
-    for index, run in enumerate(usable, 1):
-        info(f"replaying {run.path} ({index}/{len(usable)})")
-        run_rows, run_switches = detector_rows(run, defaults)
-        rows, per_switch = rows + run_rows, per_switch + run_switches
+    info(f"replaying {len(usable)} run(s), {os.cpu_count()} at a time")
+    with concurrent.futures.ProcessPoolExecutor(min(len(usable), os.cpu_count() or 1)) as pool:
+        replayed = list(pool.map(detector_rows, usable, [defaults] * len(usable)))
+    rows, per_switch = [row for run_rows, _ in replayed for row in run_rows], [s for _, ss in replayed for s in ss]
     runs_table = pd.DataFrame(rows, columns=DETECTOR_COLUMNS)
     table = pd.concat([runs_table, pooled_detector_rows(runs_table)], ignore_index=True)
     print(render_detector_table(table))
     switches = pd.DataFrame(per_switch, columns=SWITCH_COLUMNS)
-    pair = (defaults["llcd_score"], defaults["llcd_detector"])
-    print(f"\nper change, default pair llcd_score={pair[0]}, llcd_detector={pair[1]} (pooled over runs):")
+    pair = (defaults["llcd_score"], detector_label(defaults["llcd_detector"], defaults))
+    print(f"\nper change, the default {pair[0]} + {pair[1]} (pooled over runs):")
     print(per_change_table(switches, *pair).to_string())
     os.makedirs(out, exist_ok=True)
     table.to_csv(os.path.join(out, "detectors.csv"), index=False, na_rep="nan")
@@ -936,13 +965,15 @@ def evaluate_detectors(runs: list, out: str, select_on: list | None = None) -> i
     info(f"wrote {os.path.join(out, 'detectors.csv')} and switches.csv (every switch of every score x detector)")
     if select_on:
         held_out = held_out_table(runs_table, select_on)
-        print(f"\nheld out (chosen: the highest hit rate within {FALSE_ALARM_GOAL:g} false alarm per 100K agent steps):")
+        print(f"\nheld out (chosen: the highest hit rate within {FALSE_ALARM_GOAL:g} false alarm per 100K agent steps, "
+              "or within the smallest doubled budget where a candidate beats chance):")
         print(render_detector_table(held_out.assign(run=held_out["split"] + ", " + held_out["role"])))
         held_out.to_csv(os.path.join(out, "heldout.csv"), index=False, na_rep="nan")
         domains = dict(zip(runs_table["run"], runs_table["domain"]))
         for row in held_out[held_out["role"] == "held out"].to_dict("records"):
             tested = switches[switches["run"].map(domains).isin(row["domain"].split())]
-            print(f"\nper change, {row['split']} ({row['score']} + {row['detector']}), on held-out {row['domain']}:")
+            print(f"\nper change, {row['split']} ({live_options(row['score'], row['detector'])}), "
+                  f"on held-out {row['domain']}:")
             print(per_change_table(tested, row["score"], row["detector"]).to_string())
     return 0
 

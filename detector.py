@@ -50,7 +50,7 @@ import math
 import numpy as np
 
 __all__ = ["ChangeDetector", "CusumDetector", "PhaseNormalizer", "FusedCusum", "AdaptationGate", "ScoreFilter",
-           "score_filter", "phase_normalizer", "fused_cusum", "DETECTORS", "from_config", "detection_report",
+           "CandidateScore", "PHASE", "fused_cusum", "DETECTORS", "from_config", "detection_report",
            "chance_hit_rate", "resolve_max_delay"]
 
 
@@ -551,14 +551,24 @@ def fused_cusum(config, streams):
     return FusedCusum(from_config(share, "cusum") for _ in range(streams))
 
 
-def phase_normalizer(config):
-    """The ``PhaseNormalizer`` of a run config: its baseline lags by the detection deadline."""
-    return PhaseNormalizer(lag=lag_calls(config))
+PHASE = "@phase"  # a candidate name's suffix: the score phase-normalised
 
 
-def score_filter(config):
-    """The ``ScoreFilter`` of a run config (``llcd_smoothing``, ``llcd_log_score``)."""
-    return ScoreFilter(config["llcd_smoothing"], config["llcd_log_score"])
+class CandidateScore:
+    """What a detector sees of one candidate, ``<score>`` or ``<score>@phase``, per policy call: that
+    score through the run's ``ScoreFilter`` (``llcd_smoothing``, ``llcd_log_score``), then, for
+    ``@phase``, through a ``PhaseNormalizer`` whose baseline lags by the detection deadline. The live
+    agent and the offline replay both use it, so a replayed stream gives the live detector inputs."""
+
+    def __init__(self, config, name):
+        self.score = name.removesuffix(PHASE)
+        self.filter = ScoreFilter(config["llcd_smoothing"], config["llcd_log_score"])
+        self.normalizer = PhaseNormalizer(lag=lag_calls(config)) if name.endswith(PHASE) else None
+
+    def update(self, scores, phase):
+        """The detector input of one call from its candidate scores {name: value} and mean episode phase."""
+        value = self.filter.update(scores[self.score])
+        return self.normalizer.update(value, phase) if self.normalizer else value
 
 
 DETECTORS = ("threshold", "cusum")

@@ -296,15 +296,14 @@ class ChangeMonitor:
     detector`` would act with an untrained context encoder until the first detection).
     """
 
-    SCORES = ("obs_nll", "latent_kl", "latent_kl_zmean", "paired_kl", "reward_nll", "openloop_nll")
+    SCORES = tools.LLCD_SCORES
     FILE = "llcd_scores.npz"
 
     def __init__(self, config):
         self.detector = detector.from_config(config)
         self.gate = detector.AdaptationGate(config.llcd_gate, adapt_window_updates(config))
         self.max_delay = detector.resolve_max_delay(config.llcd_max_delay, config.time_limit, config.action_repeat)
-        self.score_name = config.llcd_score
-        self.recent = detector.score_filter(config)
+        self.candidate = detector.CandidateScore(config, config.llcd_score)
         self.detections = []  # agent steps
         self.scores = []  # detector inputs since the last log
         self.stream = {key: [] for key in ("step", "phase", *self.SCORES)}  # every call's candidate scores
@@ -312,11 +311,12 @@ class ChangeMonitor:
     def observe(self, surprise, agent_step):
         """Feed one policy call's candidate scores {name: (N,)}; True when it declares a change."""
         means = {name: finite_mean(surprise[name]) if name in surprise else math.nan for name in self.SCORES}
+        phase = finite_mean(surprise["phase"]) if "phase" in surprise else math.nan
         self.stream["step"].append(agent_step)
-        self.stream["phase"].append(finite_mean(surprise["phase"]) if "phase" in surprise else math.nan)
+        self.stream["phase"].append(phase)
         for name, value in means.items():
             self.stream[name].append(value)
-        score = self.recent.update(means[self.score_name])
+        score = self.candidate.update(means, phase)
         if math.isfinite(score):
             self.scores.append(score)
         if not self.detector.update(score):
@@ -362,16 +362,25 @@ class ChangeMonitor:
 
     def state_dict(self):
         return {"detector": self.detector.state_dict(), "gate": self.gate.state_dict(),
-                "recent": list(self.recent.values), "detections": list(self.detections),
+                "detections": list(self.detections),
                 "stream": {key: list(values) for key, values in self.stream.items()}}
 
     def load_state_dict(self, state):
         self.detector.load_state_dict(state["detector"])
         self.gate.load_state_dict(state["gate"])
-        self.recent.values.extend(state["recent"])
         self.detections = list(state["detections"])
-        for key, values in state.get("stream", {}).items():  # absent in older checkpoints
-            self.stream[key] = list(values)
+        if "stream" not in state:  # older checkpoints: the filter's last values only
+            self.candidate.filter.values.extend(state["recent"])
+            return
+        calls = len(state["stream"]["step"])  # a score newer than the checkpoint: NaN before it
+        self.stream = {key: list(state["stream"].get(key, [math.nan] * calls)) for key in self.stream}
+        self.replay_candidate()
+
+    def replay_candidate(self):
+        """Bring the candidate's filter and phase baseline to where they were: replay the recorded stream."""
+        name = self.candidate.score
+        for value, phase in zip(self.stream[name], self.stream["phase"]):
+            self.candidate.update({name: value}, phase)
 
 
 def adapt_window_updates(config):

@@ -41,8 +41,11 @@ import numpy as np
 import torch
 from ruamel.yaml import YAML
 
+import detector
+
 ROOT = pathlib.Path(__file__).resolve().parent
 SUITES = ("dmc", "atari", "crafter", "memorymaze")  # task name prefixes: <suite>_<name> (envs/<suite>.py)
+LLCD_SCORES = ("obs_nll", "latent_kl", "latent_kl_zmean", "paired_kl", "reward_nll", "openloop_nll")  # Dreamer.surprise
 CHOICES = {
     "precision": (32, 16, "bf16", "auto"),
     "expl_behavior": ("greedy", "random", "plan2explore"),
@@ -51,7 +54,7 @@ CHOICES = {
     "replay": ("fifo", "reservoir"),
     "crl_switch": ("immediate", "episode"),
     "llcd_gate": ("detector", "always", "never"),
-    "llcd_score": ("obs_nll", "latent_kl", "latent_kl_zmean", "paired_kl", "reward_nll", "openloop_nll"),
+    "llcd_score": LLCD_SCORES + tuple(score + detector.PHASE for score in LLCD_SCORES),
     "llcd_detector": ("threshold", "cusum"),
     "eval_policy": ("agent", "random"),
 }
@@ -288,8 +291,8 @@ def validate(config):
     if config["llcd"] and not config["llcd_max_delay"] and config["time_limit"] // config["action_repeat"] < 1:
         raise ConfigError(f"'llcd_max_delay' 0 means one episode, but 'time_limit' is {config['time_limit']}: "
                           "set --llcd_max_delay to the agent steps a detection may lag a switch")
-    if config["llcd_score"] == "paired_kl" and (suite != "dmc" or config["llcd_log_score"]):
-        raise ConfigError("'llcd_score: paired_kl' needs a dmc_ task (fixed-length episodes match its phases) and "
+    if config["llcd_score"].startswith("paired_kl") and (suite != "dmc" or config["llcd_log_score"]):
+        raise ConfigError(f"'llcd_score: {config['llcd_score']}' needs a dmc_ task (fixed-length episodes match its phases) and "
                           "'llcd_log_score: False' (it is a difference, often negative): choose another score")
     if config["llcd"] and config["replay_chunk"] <= config["llcd_context_len"]:
         raise ConfigError(f"'replay_chunk' ({config['replay_chunk']}) must exceed 'llcd_context_len' "

@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 from rliable import library as rly, metrics as rly_metrics
 from ruamel.yaml import YAML
@@ -28,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import analyze_results as ar  # noqa: E402
+import tools  # noqa: E402
 
 EVAL_STEPS = [125 * k for k in range(21)]
 # Seed-1 eval returns per task at EVAL_STEPS (see the module docstring).
@@ -548,19 +550,19 @@ def test_detectors_mode_replays_recorded_streams_with_strict_scoring(tmp_path, c
     assert ar.main([run, "--detectors", "--out", str(tmp_path / "out")]) == 0
     with open(tmp_path / "out" / "detectors.csv") as f:
         rows = {(r["run"].startswith("all"), r["score"], r["detector"]): r for r in csv.DictReader(f)}
-    assert len(rows) == 10  # 2 scores x 2 detectors and their max-of-CUSUMs fusion, per run and pooled
-    fused = rows[(False, "max(obs_nll+latent_kl)", "cusum")]
+    assert len(rows) == 20  # 2 scores x 4 detector settings and their max-of-CUSUMs fusion x 2, per run and pooled
+    fused = rows[(False, "max(obs_nll+latent_kl)", "cusum(fa=1)")]
     assert (fused["hits"], fused["misses"]) == ("2", "0")  # the rise in one of its streams is enough
-    cusum, sigma = rows[(False, "obs_nll", "cusum")], rows[(False, "obs_nll", "threshold")]
+    cusum, sigma = rows[(False, "obs_nll", "cusum(fa=1)")], rows[(False, "obs_nll", "threshold(sigma=3)")]
     assert (cusum["hits"], cusum["misses"], float(cusum["hit_rate"])) == ("2", "0", 1.0)
     assert 0 < float(cusum["median_delay"]) <= 500
     assert (sigma["hits"], sigma["misses"]) == ("0", "2")
-    noise = rows[(False, "latent_kl", "cusum")]
+    noise = rows[(False, "latent_kl", "cusum(fa=1)")]
     assert noise["hits"] == "0" and noise["false_alarms"] == "0"
-    assert rows[(True, "obs_nll", "cusum")]["hits"] == "2"
+    assert rows[(True, "obs_nll", "cusum(fa=1)")]["hits"] == "2"
     assert "obs_nll" in capsys.readouterr().out
     with open(tmp_path / "out" / "switches.csv") as f:
-        switches = [r for r in csv.DictReader(f) if (r["score"], r["detector"]) == ("obs_nll", "cusum")]
+        switches = [r for r in csv.DictReader(f) if (r["score"], r["detector"]) == ("obs_nll", "cusum(fa=1)")]
     assert [(r["change"], r["agent_step"], r["outcome"]) for r in switches] == [
         ("cartpole: task 1 (wind 0.5)", "3500.0", "hit"), ("cartpole: task 2 (gravity -1.62)", "6500.0", "hit")]
     assert all(r["first_detection"] == r["delay"] for r in switches)  # hits: the first one is in time
@@ -585,9 +587,9 @@ def test_detectors_mode_adds_phase_normalised_scores_where_the_phase_was_recorde
     assert ar.main([run, "--detectors", "--out", str(tmp_path / "out")]) == 0
     with open(tmp_path / "out" / "detectors.csv") as f:
         rows = {(r["score"], r["detector"]): r for r in csv.DictReader(f) if not r["run"].startswith("all")}
-    assert set(rows) == {(s, d) for s in ("obs_nll", "obs_nll@phase") for d in ("threshold", "cusum")}
-    assert rows[("obs_nll@phase", "cusum")]["hits"] == "2"
-    assert rows[("obs_nll", "cusum")]["hits"] == "0"
+    assert set(rows) == {(s, d) for s in ("obs_nll", "obs_nll@phase") for d, _, _ in ar.detector_settings()}
+    assert rows[("obs_nll@phase", "cusum(fa=1)")]["hits"] == "2"
+    assert rows[("obs_nll", "cusum(fa=1)")]["hits"] == "0"
 
 
 def write_detection_run(path, task, rising, seed):
@@ -615,15 +617,45 @@ def test_held_out_selection_chooses_on_some_domains_and_reports_on_the_others(tm
     with open(out / "heldout.csv") as f:
         rows = {(r["split"], r["role"]): r for r in csv.DictReader(f)}
     chosen = rows[("chosen on cartpole", "selected on")]
-    assert (chosen["score"], chosen["detector"], chosen["hits"], chosen["domain"]) == ("obs_nll", "cusum", "4", "cartpole")
+    assert (chosen["score"], chosen["detector"][:5], chosen["hits"], chosen["domain"]) == ("obs_nll", "cusum", "4", "cartpole")
     held = rows[("chosen on cartpole", "held out")]
     assert (held["score"], held["hits"], held["misses"], held["domain"]) == ("obs_nll", "0", "4", "cup")
     swapped = rows[("chosen on cup", "selected on")]
-    assert (swapped["score"], swapped["detector"], swapped["hits"]) == ("latent_kl", "cusum", "4")
+    assert (swapped["score"], swapped["detector"][:5], swapped["hits"]) == ("latent_kl", "cusum", "4")
     assert rows[("chosen on cup", "held out")]["hits"] == "0"
-    printed = capsys.readouterr().out.split("per change, chosen on cartpole (obs_nll + cusum), on held-out cup:")[1]
+    printed = capsys.readouterr().out.split(f"per change, chosen on cartpole ({ar.live_options('obs_nll', chosen['detector'])})"
+                                            ", on held-out cup:")[1]
     changes = printed.split("per change,")[0]
     assert "cup: task 1" in changes and "cup: task 2" in changes and "cartpole:" not in changes
+
+
+def pooled_row(score, detector, hit_rate, false_alarms, chance=0.05, delay=100.0):
+    return {"score": score, "detector": detector, "hit_rate": hit_rate, "chance_hit_rate": chance,
+            "false_alarms_per_100k": false_alarms, "median_delay": delay}
+
+
+def test_the_choice_is_the_best_live_candidate_within_the_goal_or_the_smallest_budget_that_beats_chance():
+    """Within 1 false alarm per 100K a candidate above chance wins; where none is, the budget doubles until one
+    is (3 FA -> budget 4): the best hit rate within 4 wins, not the better one at 5, and never a fusion, which
+    a live run cannot use."""
+    rows = [pooled_row("a", "cusum(fa=1)", 0.5, 0.8), pooled_row("b", "cusum(fa=1)", 0.9, 1.5),
+            pooled_row("max(a+b)", "cusum(fa=1)", 1.0, 0.0)]
+    assert ar.choose_candidate(pd.DataFrame(rows))["score"] == "a"
+    rows = [pooled_row("a", "cusum(fa=1)", 0.04, 0.5), pooled_row("b", "cusum(fa=1)", 0.3, 3.0),
+            pooled_row("c", "threshold(sigma=3)", 0.5, 3.9), pooled_row("d", "cusum(fa=0.1)", 0.9, 5.0),
+            pooled_row("max(b+c)", "cusum(fa=1)", 1.0, 0.0)]
+    assert ar.choose_candidate(pd.DataFrame(rows))["score"] == "c"
+    nothing = [pooled_row("a", "cusum(fa=1)", 0.0, 2.0), pooled_row("b", "cusum(fa=1)", 0.0, 1.0)]
+    assert ar.choose_candidate(pd.DataFrame(nothing))["score"] == "b"  # none beats chance: the fewest false alarms
+
+
+def test_a_chosen_candidate_is_a_live_setting():
+    """Each replayed detector setting, given to dreamer.py as live_options says, configures that very setting."""
+    for label, name, overrides in ar.detector_settings():
+        options = ar.live_options("latent_kl@phase", label).split()
+        config = tools.load_config(["--configs", "debug", *options])
+        assert config["llcd_score"] == "latent_kl@phase" and config["llcd_detector"] == name
+        assert ar.detector_label(name, config) == label and all(config[k] == v for k, v in overrides.items())
 
 
 def test_select_on_needs_detectors_and_domains_on_both_sides(tmp_path):
@@ -820,7 +852,8 @@ def test_the_detection_table_regenerates_from_the_committed_corpus(tmp_path):
         with np.load(os.path.join(CORPUS, name, ar.SCORES_FILE)) as data:
             scores = [key for key in data.files if key not in ("step", "phase")]
         mine = [row for row in rows if row["run"] == os.path.join(CORPUS, name)]
-        assert len(mine) == 2 * 2 * len(scores) + 2, name  # (score, score@phase) x 2 detectors + 2 fusions
+        settings, cusums = len(ar.detector_settings()), len(ar.DETECTOR_GRID["cusum"][2])
+        assert len(mine) == 2 * settings * len(scores) + 2 * cusums, name  # (score, score@phase) x settings + fusions
         assert all(int(row["hits"]) <= int(row["switches"]) for row in mine)
     if select:
         held_out = list(csv.DictReader(open(tmp_path / "heldout.csv")))

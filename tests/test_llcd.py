@@ -452,6 +452,36 @@ def test_monitor_records_every_candidate_score_and_feeds_the_configured_one():
     assert restored.stream["latent_kl"][:20] == monitor.stream["latent_kl"][:20]
 
 
+def phase_profile_calls(calls, rng, start=0, rise=0.0):
+    """Policy-call surprises whose latent_kl is mostly a profile over the episode phase (0..99: 0, 100, 200, 300
+    in the four phase buckets) plus unit noise, raised by ``rise`` from call ``start`` on."""
+    for call in range(start, start + calls):
+        phase = call % 100
+        value = 100.0 * (phase // 25) + rng.normal() + rise
+        yield {"latent_kl": np.array([value]), "phase": np.array([float(phase)])}, call
+
+
+def test_a_phase_normalised_score_runs_live_and_resumes_where_it_was():
+    """``llcd_score: <score>@phase``: the detector sees the score with its phase profile removed (spread ~1, not
+    ~110), and a resumed monitor, its phase baseline rebuilt from the recorded stream, continues exactly."""
+    config = llcd_config("--llcd_score", "latent_kl@phase", "--llcd_max_delay", "50",
+                         "--llcd_detector", "cusum", "--llcd_burn_in", "50")
+    monitor, rng = dreamer.ChangeMonitor(config), np.random.default_rng(0)
+    for surprise, call in phase_profile_calls(3000, rng):
+        monitor.observe(surprise, call)
+    raw = np.array(monitor.stream["latent_kl"])
+    assert np.std(raw) > 50 and 0.3 < np.std(monitor.scores[-1000:]) < 3, (np.std(raw), np.std(monitor.scores[-1000:]))
+    snapshot = copy.deepcopy(monitor.state_dict())
+    restored = dreamer.ChangeMonitor(config)
+    restored.load_state_dict(snapshot)
+    after = list(phase_profile_calls(1000, rng, start=3000, rise=5.0))
+    for which in (monitor, restored):
+        which.scores = []
+        declared = [which.observe(surprise, call) for surprise, call in after]
+    assert restored.scores == monitor.scores and restored.detections == monitor.detections
+    assert any(declared) and monitor.detections[-1] >= 3000  # a 5-std rise is found through the profile
+
+
 def dreamer_obs_space():
     import gymnasium as gym
 
