@@ -12,13 +12,25 @@ results=${1:-studies/results/crl_ab}
 out=${2:-docs/results/crl_ab}
 python=${PYTHON:-.venv/bin/python}
 on="llcd=True llcd_gate"
+kept() {  # kept continual runs of one arm: kept DOMAIN_TASK SUFFIX
+  compgen -G "$results/*task$1-crl_tasks_0_3_0_-$2" > /dev/null
+}
 pairs=()
-for domain in cup cartpole; do
+for domain in cup_catch cartpole_swingup; do
+  label=${domain%_*}
+  kept "dmc_$domain" llcdFalse || { echo "crl_ab_analyze: no kept LLCD-off run of $domain: nothing to compare" >&2; continue; }
   for gate in detector always never; do
-    pairs+=(--compare "$domain $on=$gate" "$domain llcd=False")
+    if kept "dmc_$domain" "llcdTrue-llcd_gate$gate"; then
+      pairs+=(--compare "$label $on=$gate" "$label llcd=False")
+    else
+      echo "crl_ab_analyze: no kept run of $label gate $gate yet: its comparisons are left out" >&2
+    fi
   done
-  pairs+=(--compare "$domain $on=detector" "$domain $on=always")
-  pairs+=(--compare "$domain $on=detector" "$domain $on=never")
+  for gate in always never; do
+    if kept "dmc_$domain" llcdTrue-llcd_gatedetector && kept "dmc_$domain" "llcdTrue-llcd_gate$gate"; then
+      pairs+=(--compare "$label $on=detector" "$label $on=$gate")
+    fi
+  done
 done
 "$python" analyze_results.py "$results/*crl_tasks_0_3_0_-*" --group-by domain llcd llcd_gate \
   --reference "$results/*crl_tasks_3_-*" "$results/*crl_tasks_0_3_0_-llcdFalse" --out "$out" "${pairs[@]}" "${@:3}"

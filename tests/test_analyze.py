@@ -811,6 +811,26 @@ def test_the_crl_ab_analysis_script_runs_on_kept_results_named_as_the_sweep_name
     assert float(table[("cup llcd=False", "recovery/switch1_task3")]["mean"]) == pytest.approx(np.mean(early) / 650)
 
 
+def test_the_crl_ab_analysis_regenerates_from_the_committed_results_of_the_arms_kept_so_far(tmp_path):
+    """studies/crl_ab_analyze.sh on the study's kept results (the README's command): every arm with kept
+    continual runs is a group of exactly those runs; an arm without any is named and its comparisons left out."""
+    results = os.path.join(ROOT, "studies", "results", "crl_ab")
+    kept = [name for name in os.listdir(results) if "crl_tasks_0_3_0_" in name]
+    assert kept
+    done = subprocess.run(["bash", os.path.join(ROOT, "studies", "crl_ab_analyze.sh"), results, str(tmp_path),
+                           "--bootstrap-reps", "50"], env={**os.environ, "PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = {r["group"]: int(r["runs"]) for r in csv.DictReader(open(tmp_path / "results_iqm.csv"))}
+    for domain, task in (("cup", "cup_catch"), ("cartpole", "cartpole_swingup")):
+        for arm, suffix in (("llcd=False", "-llcdFalse"), *[(f"llcd=True llcd_gate={g}", f"-llcdTrue-llcd_gate{g}")
+                                                          for g in ("always", "never", "detector")]):
+            count = sum(name.endswith(f"-taskdmc_{task}-crl_tasks_0_3_0_{suffix}") for name in kept)
+            assert runs.get(f"{domain} {arm}", 0) == count, (domain, arm)
+            if count == 0 and arm != "llcd=False" and runs.get(f"{domain} llcd=False"):
+                assert f"no kept run of {domain} gate {arm.split('=')[-1]} yet" in done.stderr
+
+
 # ----------------------------------------------------------------- the detection corpus
 
 

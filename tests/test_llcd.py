@@ -661,13 +661,15 @@ def test_llcd_run_logs_score_gate_probe_and_resumes_the_detector(tmp_path, monke
 def llcd_detections(logdirs):
     """Agent steps of the changes real debug-sized LLCD runs declare, {logdir: schedule} run side by
     side, one process and thread each: cartpole balance, 600 agent steps per task, task 1 = a 5 N
-    wind on the pole (default score and detector). The CUSUM's baseline is the last 200 scores and
+    wind on the pole, scored by latent_kl + CUSUM built for 1 false alarm per 100K agent steps (whatever the
+    default). The CUSUM's baseline is the last 200 scores and
     its burn-in ends by call 200: with the defaults (5,000 scores, burn-in up to 1,000) a 600-step
     task is too short for the baseline to leave the world model's first, steeply falling scores
     behind, and the switch then goes unseen."""
     runs = [subprocess.Popen([sys.executable, "dreamer.py", "--configs", "debug", "--task", "dmc_cartpole_balance",
                               "--crl_tasks", tasks, "--crl_steps_per_task", "600",
-                              "--crl_task_defs.cartpole.1", "{wind: 5.0}", "--llcd", "True", "--llcd_burn_in", "20",
+                              "--crl_task_defs.cartpole.1", "{wind: 5.0}", "--llcd", "True", "--llcd_score", "latent_kl",
+                              "--llcd_detector", "cusum", "--llcd_false_alarms_per_100k", "1.0", "--llcd_burn_in", "20",
                               "--llcd_cusum_window", "200", "--device", "cpu", "--threads", "1",
                               "--logdir", str(logdir)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             for logdir, tasks in logdirs.items()]
