@@ -894,6 +894,18 @@ def per_change_table(switches: pd.DataFrame, score: str, name: str) -> pd.DataFr
                              lambda d: " ".join("-" if math.isnan(x) else f"{x:.0f}" for x in d))})
 
 
+def per_change_type_table(switches: pd.DataFrame) -> pd.DataFrame:
+    """Hits / decided switches and median hit delay per change type, across domains: the corpus schedules give
+    task k one type in every domain (crl_task_defs), named here by the factors it sets there."""
+    decided = switches[switches["outcome"] != "pending"]
+    parts = decided["change"].str.extract(r"task (?P<task>\d+) \((?P<factors>[^)]*)\)")
+    types = parts["task"].map({task: f"task {task}: " + "; ".join(sorted(set(parts["factors"][parts["task"] == task])))
+                               for task in parts["task"].unique()})
+    grouped = decided.assign(type=types).groupby("type")
+    return pd.DataFrame({"hits": grouped["outcome"].apply(lambda o: int((o == "hit").sum())),
+                         "switches": grouped.size(), "median_delay": grouped["delay"].median()})
+
+
 def render_detector_table(table: pd.DataFrame) -> str:
     """Plain-text table of detector rows (hit rate next to its chance level)."""
     header = ["run", "score", "detector", "hits/switches", "hit rate (chance)", "median delay", "FA/100K"]
@@ -970,11 +982,17 @@ def evaluate_detectors(runs: list, out: str, select_on: list | None = None) -> i
         print(render_detector_table(held_out.assign(run=held_out["split"] + ", " + held_out["role"])))
         held_out.to_csv(os.path.join(out, "heldout.csv"), index=False, na_rep="nan")
         domains = dict(zip(runs_table["run"], runs_table["domain"]))
+        tested_all = []
         for row in held_out[held_out["role"] == "held out"].to_dict("records"):
             tested = switches[switches["run"].map(domains).isin(row["domain"].split())]
             print(f"\nper change, {row['split']} ({live_options(row['score'], row['detector'])}), "
                   f"on held-out {row['domain']}:")
             print(per_change_table(tested, row["score"], row["detector"]).to_string())
+            tested_all.append(tested[(tested["score"] == row["score"]) & (tested["detector"] == row["detector"])])
+        by_type = per_change_type_table(pd.concat(tested_all))
+        print("\nper change type, every switch scored by the choice made without its domain:")
+        print(by_type.to_string())
+        by_type.to_csv(os.path.join(out, "heldout_types.csv"), na_rep="nan")
     return 0
 
 

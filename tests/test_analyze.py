@@ -627,6 +627,9 @@ def test_held_out_selection_chooses_on_some_domains_and_reports_on_the_others(tm
                                             ", on held-out cup:")[1]
     changes = printed.split("per change,")[0]
     assert "cup: task 1" in changes and "cup: task 2" in changes and "cartpole:" not in changes
+    with open(out / "heldout_types.csv") as f:  # each switch once, by the choice made on the other domain
+        types = {r["type"].split(":")[0]: (r["hits"], r["switches"]) for r in csv.DictReader(f)}
+    assert types == {"task 1": ("0", "4"), "task 2": ("0", "4")}
 
 
 def pooled_row(score, detector, hit_rate, false_alarms, chance=0.05, delay=100.0):
