@@ -935,7 +935,8 @@ def choose_candidate(pooled: pd.DataFrame) -> pd.Series:
 
 def held_out_table(runs_table: pd.DataFrame, select_on: list) -> pd.DataFrame:
     """No tuning to the test: the candidate chosen on the ``select_on`` domains, then on the others (the swap),
-    each with its pooled figures where it was chosen and on the held-out domains."""
+    each with its pooled figures where it was chosen and on the held-out domains; last, the candidate the
+    same rule chooses on every domain (the default to ship; the two splits estimate how it generalises)."""
     chosen = runs_table["domain"].isin(select_on)
     if not chosen.any() or chosen.all():
         fail(f"--select-on {' '.join(select_on)}: needs runs of those domains and of others; domains here: "
@@ -948,6 +949,8 @@ def held_out_table(runs_table: pd.DataFrame, select_on: list) -> pd.DataFrame:
             row = pooled[(pooled["score"] == pick["score"]) & (pooled["detector"] == pick["detector"])].iloc[0]
             rows.append({"split": "chosen on " + "+".join(sorted(set(runs_table.loc[select, "domain"]))),
                          "role": role, **row})
+    every = pooled_detector_rows(runs_table)
+    rows.append({"split": "chosen on all", "role": "selected on", **choose_candidate(every)})
     return pd.DataFrame(rows)
 
 
@@ -989,6 +992,8 @@ def evaluate_detectors(runs: list, out: str, select_on: list | None = None) -> i
                   f"on held-out {row['domain']}:")
             print(per_change_table(tested, row["score"], row["detector"]).to_string())
             tested_all.append(tested[(tested["score"] == row["score"]) & (tested["detector"] == row["detector"])])
+        default = held_out.iloc[-1]
+        print(f"\nthe rule on every domain (the default to ship): {live_options(default['score'], default['detector'])}")
         by_type = per_change_type_table(pd.concat(tested_all))
         print("\nper change type, every switch scored by the choice made without its domain:")
         print(by_type.to_string())
