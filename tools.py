@@ -291,9 +291,10 @@ def validate(config):
     if config["llcd"] and not config["llcd_max_delay"] and config["time_limit"] // config["action_repeat"] < 1:
         raise ConfigError(f"'llcd_max_delay' 0 means one episode, but 'time_limit' is {config['time_limit']}: "
                           "set --llcd_max_delay to the agent steps a detection may lag a switch")
-    if config["llcd_score"].startswith("paired_kl") and (suite != "dmc" or config["llcd_log_score"]):
-        raise ConfigError(f"'llcd_score: {config['llcd_score']}' needs a dmc_ task (fixed-length episodes match its phases) and "
-                          "'llcd_log_score: False' (it is a difference, often negative): choose another score")
+    if config["llcd"] and config["llcd_score"].startswith("paired_kl") and (suite != "dmc" or config["llcd_log_score"]):
+        raise ConfigError(f"'llcd_score: {config['llcd_score']}' needs a dmc_ task (fixed-length episodes match its "
+                          "phases) and 'llcd_log_score: False' (it is a difference, often negative): choose another "
+                          "score, e.g. --llcd_score latent_kl")
     if config["llcd"] and config["replay_chunk"] <= config["llcd_context_len"]:
         raise ConfigError(f"'replay_chunk' ({config['replay_chunk']}) must exceed 'llcd_context_len' "
                           f"({config['llcd_context_len']}): the context before a window comes from one chunk")

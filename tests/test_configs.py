@@ -139,3 +139,14 @@ def test_bad_base_is_an_error(tmp_path, base):
     path = blocks_file_with(tmp_path, mine={"base": base})
     with pytest.raises(tools.ConfigError, match="'mine'"):
         load(path, "--configs", "mine")
+
+
+def test_the_paired_default_binds_only_dmc_llcd_runs():
+    """The detector default scores paired_kl, which needs fixed-length dmc_ episodes: a run without LLCD takes
+    any task, and the other suites' blocks bring their own score."""
+    assert tools.load_config(["--task", "atari_pong"])["llcd_score"].startswith("paired_kl")
+    for block in ("atari100k", "crafter", "memorymaze"):
+        config = tools.load_config(["--configs", block, "small", "--llcd", "True", "--llcd_max_delay", "500"])
+        assert config["llcd_score"] == "latent_kl"
+    with pytest.raises(tools.ConfigError, match="e.g. --llcd_score latent_kl"):
+        tools.load_config(["--task", "atari_pong", "--llcd", "True"])
