@@ -44,7 +44,8 @@ def sequences(batch=3, length=12, seed=0, resets=((1, 5),)):
 
 
 def llcd_config(*extra):
-    config = tools.load_config(["--configs", "debug", "--llcd", "True", *extra])
+    """The debug config with LLCD on, scoring latent_kl (whatever the default), then ``extra``."""
+    config = tools.load_config(["--configs", "debug", "--llcd", "True", "--llcd_score", "latent_kl", *extra])
     config.device = "cpu"
     return config
 
@@ -626,7 +627,7 @@ def test_probe_accuracy_separates_tasks_and_is_near_chance_without_signal():
 
 CRL = ["--configs", "dmc_crl_cartpole", "debug", "--crl_tasks", "[0, 3]", "--crl_steps_per_task", "100",
        "--train_ratio", "16", "--eval_every", "100", "--device", "cpu", "--threads", "1", "--llcd", "True",
-       "--llcd_burn_in", "20", "--llcd_history_window", "40", "--llcd_adapt_fraction", "0.2"]
+       "--llcd_score", "latent_kl", "--llcd_burn_in", "20", "--llcd_history_window", "40", "--llcd_adapt_fraction", "0.2"]
 
 
 def test_llcd_run_logs_score_gate_probe_and_resumes_the_detector(tmp_path, monkeypatch):
