@@ -55,7 +55,7 @@ CHOICES = {
     "crl_switch": ("immediate", "episode"),
     "llcd_gate": ("detector", "always", "never"),
     "llcd_score": LLCD_SCORES + tuple(score + detector.PHASE for score in LLCD_SCORES),
-    "llcd_detector": ("threshold", "cusum"),
+    "llcd_detector": detector.DETECTORS,
     "eval_policy": ("agent", "random"),
 }
 
