@@ -834,6 +834,20 @@ def test_the_crl_ab_analysis_regenerates_from_the_committed_results_of_the_arms_
                 assert f"no kept run of {domain} gate {arm.split('=')[-1]} yet" in done.stderr
 
 
+def test_the_study_pages_state_how_many_crl_ab_runs_are_kept():
+    """Every kept crl_ab run is a point of studies/crl_ab.yaml, and the README, the study's page and the
+    results index all state the kept count out of the grid's size (they went stale before)."""
+    import pathlib
+    import sweep
+    spec = sweep.read_spec_file(os.path.join(ROOT, "studies", "crl_ab.yaml"))
+    points = {point.name for point in sweep.grid_points(spec, pathlib.Path("runs"))}
+    kept = os.listdir(os.path.join(ROOT, "studies", "results", "crl_ab"))
+    assert set(kept) <= points, sorted(set(kept) - points)
+    status = f"{len(kept)} of {len(points)} runs kept"
+    for page in ("README.md", "docs/results/crl-ab.md", "docs/results/index.md"):
+        assert status in open(os.path.join(ROOT, page)).read(), (page, status)
+
+
 # ----------------------------------------------------------------- the detection corpus
 
 
