@@ -40,7 +40,8 @@ and recovery (runs x switches); ``--compare A B`` (repeatable): the probability 
 forgetting is better). Outputs in ``--out``: the tables on the console, results.csv, results_per_run.csv,
 results_iqm.csv, results.md, compare.csv, final_results_grid_shaded.png (mean, 95% bootstrap CI band,
 task switches), curve_*.png per curve, bars_*.png per per-task metric, iqm_intervals.png (rliable's IQM and
-CI figure). ``--detectors`` replays the
+CI figure), and with groups of several domains curves_by_domain.png (a row per domain, a colour per arm).
+``--detectors`` replays the
 recorded score streams (``llcd_scores.npz``) through every score x detector pair with each run's
 settings (scores phase-normalised too where the phase was recorded, and max-of-CUSUMs fusions): the strict table per run and pooled (detectors.csv) and every switch (switches.csv).
 ``--anchor`` sets single-task runs beside published scores (e.g. DreamerV3's): per task and each env
@@ -658,6 +659,46 @@ def plot_curves(groups: list, panels: list, palette: dict, path: str) -> None:
     plt.close(fig)
 
 
+def domain_rows(groups: list) -> list:
+    """[(domain, its groups)] in first-seen order: one figure row per domain."""
+    rows = {}
+    for group in groups:
+        rows.setdefault(group.runs[0].domain, []).append(group)
+    return list(rows.items())
+
+
+def arm_of(group: Group) -> str:
+    """A group's label without its domain: the arm it shares with the same arm's groups of other domains."""
+    domain = group.runs[0].domain
+    return " ".join(word for word in group.label.split(" ") if word != domain) or group.label
+
+
+def arm_palette(groups: list) -> dict:
+    """Group heading -> colour, one colour per arm (the same in every domain)."""
+    arms = list(dict.fromkeys(map(arm_of, groups)))
+    colours = dict(zip(arms, sns.color_palette("tab10", len(arms))))
+    return {g.heading: colours[arm_of(g)] for g in groups}
+
+
+def plot_by_domain(groups: list, path: str) -> None:
+    """One row per domain, one column per task's eval return: each arm's mean and 95% CI band, with the
+    task switches; the arms keep their colour across rows and each row's legend gives its seeds."""
+    rows, palette = domain_rows(groups), arm_palette(groups)
+    panels = [p for p in build_panels(groups) if p[0].startswith("eval_return")]
+    fig, axes = plt.subplots(len(rows), len(panels), figsize=(4.6 * len(panels) + 2.8, 3.4 * len(rows)),
+                             squeeze=False)
+    for (domain, members), row in zip(rows, axes):
+        for ax, panel in zip(row, panels):
+            plot_panel(ax, panel, members, palette)
+            ax.set_ylabel(f"{domain}\nreturn")
+        handles = [Line2D([], [], color=palette[g.heading], linewidth=2.2) for g in members]
+        row[-1].legend(handles, [g.heading for g in members], loc="center left", bbox_to_anchor=(1.02, 0.5),
+                       frameon=False, fontsize=8.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+
+
 def plot_metric_bars(wide: pd.DataFrame, groups: list, family: str, palette: dict, path: str) -> None:
     """Bars (mean and 95% bootstrap CI, seeds as dots) per task of one per-task metric family."""
     names = [c for c in wide.columns if c.startswith(f"{family}/task")]
@@ -695,8 +736,8 @@ def plot_intervals(iqms: pd.DataFrame, groups: list, palette: dict, path: str) -
 
 
 def write_plots(groups: list, wide: pd.DataFrame, iqms: pd.DataFrame, out: str) -> list:
-    """The grid of every curve, one curve PNG per panel, one bar PNG per per-task metric family and the IQM
-    intervals of the aggregate metrics."""
+    """The grid of every curve, one curve PNG per panel, one bar PNG per per-task metric family, the IQM
+    intervals of the aggregate metrics and, with several domains, the eval curves by domain and arm."""
     sns.set_theme(style="ticks", rc={"axes.spines.top": False, "axes.spines.right": False})
     palette = dict(zip((g.heading for g in groups), sns.color_palette("tab10", len(groups))))
     panels = build_panels(groups)
@@ -707,6 +748,9 @@ def write_plots(groups: list, wide: pd.DataFrame, iqms: pd.DataFrame, out: str) 
     for family in families:
         plot_metric_bars(wide, groups, family, palette, os.path.join(out, f"bars_{family}.png"))
     names = [n for n, _ in figures] + [f"bars_{f}" for f in families]
+    if len(domain_rows(groups)) > 1:
+        plot_by_domain(groups, os.path.join(out, "curves_by_domain.png"))
+        names.append("curves_by_domain")
     if len(iqms):
         plot_intervals(iqms, groups, palette, os.path.join(out, "iqm_intervals.png"))
         names.append("iqm_intervals")

@@ -800,6 +800,7 @@ def test_the_crl_ab_analysis_script_runs_on_kept_results_named_as_the_sweep_name
     with open(out / "compare.csv") as f:
         pairs = {(r["group_a"], r["group_b"]) for r in csv.DictReader(f)}
     assert len(pairs) == 10
+    assert (out / "curves_by_domain.png").stat().st_size > 0
     assert ("cup llcd=True llcd_gate=detector", "cup llcd=False") in pairs
     assert ("cartpole llcd=True llcd_gate=detector", "cartpole llcd=True llcd_gate=never") in pairs
     with open(out / "results.csv") as f:
@@ -812,6 +813,22 @@ def test_the_crl_ab_analysis_script_runs_on_kept_results_named_as_the_sweep_name
     # switch 1 (to B): the first half of window 2 is (52K, 77K]; the reference ends its window at 650
     early = ab_curve(np.arange(55000.0, 77001, 5000), 100, 700, 52000, 102000)
     assert float(table[("cup llcd=False", "recovery/switch1_task3")]["mean"]) == pytest.approx(np.mean(early) / 650)
+
+
+def test_the_by_domain_figure_gives_each_arm_one_colour_in_every_domain():
+    """curves_by_domain.png: one row per domain (first-seen order), and an arm keeps its colour across rows
+    while different arms get different ones."""
+    runs = [ar.Run("mem", base_config(task=task, llcd=llcd, llcd_gate="always"), {})
+            for task in ("dmc_cup_catch", "dmc_cartpole_swingup") for llcd in (False, True)]
+    groups = ar.group_runs(runs, ["domain", "llcd", "llcd_gate"])
+    rows = ar.domain_rows(groups)
+    assert [(domain, [g.label for g in members]) for domain, members in rows] == [
+        ("cup", ["cup llcd=False", "cup llcd=True llcd_gate=always"]),
+        ("cartpole", ["cartpole llcd=False", "cartpole llcd=True llcd_gate=always"])]
+    palette = ar.arm_palette(groups)
+    cup, cartpole = (members for _, members in rows)
+    assert [palette[g.heading] for g in cup] == [palette[g.heading] for g in cartpole]
+    assert palette[cup[0].heading] != palette[cup[1].heading]
 
 
 def test_the_crl_ab_analysis_regenerates_from_the_committed_results_of_the_arms_kept_so_far(tmp_path):
