@@ -40,7 +40,8 @@ and recovery (runs x switches); ``--compare A B`` (repeatable): the probability 
 forgetting is better). Outputs in ``--out``: the tables on the console, results.csv, results_per_run.csv,
 results_iqm.csv, results.md, compare.csv, final_results_grid_shaded.png (mean, 95% bootstrap CI band,
 task switches), curve_*.png per curve, bars_*.png per per-task metric, iqm_intervals.png (rliable's IQM and
-CI figure), and with groups of several domains curves_by_domain.png (a row per domain, a colour per arm).
+CI figure), compare.png (each --compare pair's P(improvement) and CI), and with groups of several domains
+curves_by_domain.png (a row per domain, a colour per arm).
 ``--detectors`` replays the
 recorded score streams (``llcd_scores.npz``) through every score x detector pair with each run's
 settings (scores phase-normalised too where the phase was recorded, and max-of-CUSUMs fusions): the strict table per run and pooled (detectors.csv) and every switch (switches.csv).
@@ -791,8 +792,31 @@ def check_compare_labels(groups: list, pairs: list) -> None:
         fail(f"--compare: no group '{unknown[0]}'; groups: " + ", ".join(f"'{k}'" for k in known))
 
 
-def print_comparisons(groups: list, wide: pd.DataFrame, pairs: list, out: str, reps: int = BOOTSTRAP_REPS) -> str:
-    """Print P(A improves on B) per aggregate metric for every pair (A, B); write compare.csv; returns its path."""
+def plot_comparisons(compare: pd.DataFrame, path: str) -> None:
+    """P(A improves on B) and its 95% CI: a row per pair, a panel per aggregate metric, chance (0.5) marked."""
+    pairs = list(dict.fromkeys(zip(compare["group_a"], compare["group_b"])))
+    families = [f for f in AGGREGATES if f in set(compare["metric"])]
+    fig, axes = plt.subplots(1, len(families), figsize=(2.3 * len(families) + 3.5, 0.38 * len(pairs) + 1.2),
+                             sharey=True, squeeze=False)
+    for ax, family in zip(axes[0], families):
+        rows = compare[compare["metric"] == family].set_index(["group_a", "group_b"]).reindex(pairs)
+        y = np.arange(len(pairs))
+        ax.errorbar(rows["probability"], y, xerr=[rows["probability"] - rows["ci_low"], rows["ci_high"] -
+                    rows["probability"]], fmt="o", color="0.15", ecolor="tab:blue", elinewidth=3, capsize=0)
+        ax.axvline(0.5, color="0.5", linestyle="--", linewidth=0.9)
+        title = family.replace("_", " ") + (" (less is better)" if AGGREGATES[family] < 0 else "")
+        ax.set(xlim=(-0.02, 1.02), title=title, xlabel="P(A improves on B)")
+        ax.grid(True, axis="x", alpha=0.3)
+    axes[0][0].set(yticks=np.arange(len(pairs)), yticklabels=[f"A: {a}, B: {b}" for a, b in pairs])
+    axes[0][0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+
+
+def print_comparisons(groups: list, wide: pd.DataFrame, pairs: list, out: str, reps: int = BOOTSTRAP_REPS) -> list:
+    """Print P(A improves on B) per aggregate metric for every pair (A, B); write compare.csv and its figure
+    compare.png; returns their paths."""
     by_label, tables = {g.label: g for g in groups}, []
     for a, b in pairs:
         table = compare_table(wide, by_label[a], by_label[b], reps)
@@ -800,9 +824,10 @@ def print_comparisons(groups: list, wide: pd.DataFrame, pairs: list, out: str, r
         print(f"\nP({a} improves on {b}) [95% CI], less forgetting is better:")
         print(table[["metric", "tasks"]].assign(probability=cells).to_string(index=False))
         tables.append(table.assign(group_a=a, group_b=b))
-    path = os.path.join(out, "compare.csv")
-    pd.concat(tables, ignore_index=True).to_csv(path, index=False, na_rep="nan")
-    return path
+    compare, paths = pd.concat(tables, ignore_index=True), [os.path.join(out, f"compare.{e}") for e in ("csv", "png")]
+    compare.to_csv(paths[0], index=False, na_rep="nan")
+    plot_comparisons(compare, paths[1])
+    return paths
 
 
 # ----------------------------------------------------------------- offline detector replay
@@ -1226,7 +1251,7 @@ def main(argv: list | None = None) -> int:
         check_compare_labels(groups, args.compare)
     written, wide = write_outputs(groups, refs, args.out, args.bootstrap_reps)
     if args.compare:
-        written.append(print_comparisons(groups, wide, args.compare, args.out, args.bootstrap_reps))
+        written += print_comparisons(groups, wide, args.compare, args.out, args.bootstrap_reps)
     info(f"wrote {len(written)} files to {args.out}/")
     return 0
 

@@ -800,7 +800,7 @@ def test_the_crl_ab_analysis_script_runs_on_kept_results_named_as_the_sweep_name
     with open(out / "compare.csv") as f:
         pairs = {(r["group_a"], r["group_b"]) for r in csv.DictReader(f)}
     assert len(pairs) == 10
-    assert (out / "curves_by_domain.png").stat().st_size > 0
+    assert (out / "curves_by_domain.png").stat().st_size > 0 and (out / "compare.png").stat().st_size > 0
     assert ("cup llcd=True llcd_gate=detector", "cup llcd=False") in pairs
     assert ("cartpole llcd=True llcd_gate=detector", "cartpole llcd=True llcd_gate=never") in pairs
     with open(out / "results.csv") as f:
