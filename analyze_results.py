@@ -779,7 +779,8 @@ def write_outputs(groups: list, refs: list, out: str, reps: int = BOOTSTRAP_REPS
         f.write("\n".join(["# Results", "", "Mean ± Std across seeds (sample std, ddof=1; n/a with one seed). "
                            "Convergence in env steps, LLCD delays in agent steps; forward transfer on returns/1000; "
                            "mean forgetting over the tasks trained before the last window.", "", markdown_table(table),
-                           "", "## IQM [95% stratified-bootstrap CI]", "", markdown_table(intervals), "",
+                           "", "## IQM [95% stratified-bootstrap CI] over seeds and tasks", "",
+                           markdown_table(intervals.T.rename_axis("group")), "",
                            "## Groups", "", *notes]) + "\n")
     return written + write_plots(groups, wide, iqms, out), wide
 

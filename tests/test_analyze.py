@@ -308,6 +308,9 @@ def test_console_and_markdown_tables(report):
     md = (report["out"] / "results.md").read_text()
     assert "| best_return/task0 | 925.0 ± 35.4 |" in md
     assert "| forgetting/mean | 213.3 ± 0.0 |" in md  # identical across seeds
+    iqm = md.split("## IQM")[1].split("## Groups")[0].strip().splitlines()[2:]  # a row per group
+    assert iqm[0].startswith("| group | final_return |")
+    assert [row.split(" | ")[0].endswith(("(n=2)", "(n=1)")) for row in iqm[2:]] == [True, True]
 
 
 def test_output_files_written(report):
