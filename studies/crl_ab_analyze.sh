@@ -2,14 +2,17 @@
 # The tables and figures of the continual-learning study (studies/crl_ab.yaml), from its committed
 # results alone (no run needed):
 #   bash studies/crl_ab_analyze.sh [RESULTS] [OUT] [ANALYZE_OPTION...]
-#       (default studies/results/crl_ab -> docs/results/crl_ab; further options go to analyze_results.py)
+#       (default studies/results/crl_ab -> analysis/crl_ab; further options go to analyze_results.py)
+# With OUT left at its default, the README's table and figures (results.md, results_iqm.csv, compare.csv,
+# curves_by_domain.png, compare.png) are also copied to docs/results/crl_ab, where they are committed.
 # Groups: domain x LLCD arm. References: the single-task B runs (crl_tasks [3]) and, for A, the LLCD-off
 # runs' first window. P(improvement) of each LLCD arm over LLCD off, and of the detector gate over
 # always and over never, per domain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 results=${1:-studies/results/crl_ab}
-out=${2:-docs/results/crl_ab}
+out=${2:-analysis/crl_ab}
+published=(results.md results_iqm.csv compare.csv curves_by_domain.png compare.png)
 python=${PYTHON:-.venv/bin/python}
 on="llcd=True llcd_gate"
 kept() {  # kept continual runs of one arm: kept DOMAIN_TASK SUFFIX
@@ -34,3 +37,8 @@ for domain in cup_catch cartpole_swingup; do
 done
 "$python" analyze_results.py "$results/*crl_tasks_0_3_0_-*" --group-by domain llcd llcd_gate \
   --reference "$results/*crl_tasks_3_-*" "$results/*crl_tasks_0_3_0_-llcdFalse" --out "$out" "${pairs[@]}" "${@:3}"
+if [ -z "${2:-}" ]; then
+  mkdir -p docs/results/crl_ab
+  cp "${published[@]/#/$out/}" docs/results/crl_ab/
+  echo "crl_ab_analyze: the README's table and figures copied to docs/results/crl_ab/"
+fi

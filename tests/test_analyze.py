@@ -852,6 +852,23 @@ def test_the_crl_ab_analysis_regenerates_from_the_committed_results_of_the_arms_
             assert runs.get(f"{domain} {arm}", 0) == count, (domain, arm)
             if count == 0 and arm != "llcd=False" and runs.get(f"{domain} llcd=False"):
                 assert f"no kept run of {domain} gate {arm.split('=')[-1]} yet" in done.stderr
+    assert_published_study_matches(pd.read_csv(tmp_path / "results_iqm.csv"))
+
+
+def assert_published_study_matches(regenerated: pd.DataFrame) -> None:
+    """The committed copy of the study's IQM table (docs/results/crl_ab) and the README's table hold the IQMs
+    that the committed results give now: both go stale when a run is kept and the script is not rerun."""
+    published = pd.read_csv(os.path.join(ROOT, "docs", "results", "crl_ab", "results_iqm.csv"))
+    assert published[["group", "metric", "runs"]].equals(regenerated[["group", "metric", "runs"]])
+    np.testing.assert_allclose(published["iqm"], regenerated["iqm"], rtol=1e-9)
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for group, rows in regenerated.groupby("group", sort=False):
+        line = next((l for l in readme.splitlines() if l.startswith(f"| {group} (n={rows['runs'].iloc[0]}) |")), None)
+        assert line, f"README: no study table row for {group}"
+        points = [cell.split(" [")[0] for cell in line.strip("| ").split(" | ")[1:]]
+        assert len(points) == len(rows), (group, line)
+        for shown, iqm in zip(points, rows["iqm"]):  # as rounded, give or take a last-digit tie (936.45)
+            assert abs(float(shown) - iqm) <= 0.5 * 10 ** -ar.digits(iqm) + 1e-9, (group, shown, iqm)
 
 
 def test_the_study_pages_state_how_many_crl_ab_runs_are_kept():
