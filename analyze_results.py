@@ -797,7 +797,7 @@ def plot_comparisons(compare: pd.DataFrame, path: str) -> None:
     """P(A improves on B) and its 95% CI: a row per pair, a panel per aggregate metric, chance (0.5) marked."""
     pairs = list(dict.fromkeys(zip(compare["group_a"], compare["group_b"])))
     families = [f for f in AGGREGATES if f in set(compare["metric"])]
-    fig, axes = plt.subplots(1, len(families), figsize=(2.3 * len(families) + 3.5, 0.38 * len(pairs) + 1.2),
+    fig, axes = plt.subplots(1, len(families), figsize=(2.8 * len(families) + 3.5, 0.38 * len(pairs) + 1.2),
                              sharey=True, squeeze=False)
     for ax, family in zip(axes[0], families):
         rows = compare[compare["metric"] == family].set_index(["group_a", "group_b"]).reindex(pairs)
@@ -805,7 +805,7 @@ def plot_comparisons(compare: pd.DataFrame, path: str) -> None:
         ax.errorbar(rows["probability"], y, xerr=[rows["probability"] - rows["ci_low"], rows["ci_high"] -
                     rows["probability"]], fmt="o", color="0.15", ecolor="tab:blue", elinewidth=3, capsize=0)
         ax.axvline(0.5, color="0.5", linestyle="--", linewidth=0.9)
-        title = family.replace("_", " ") + (" (less is better)" if AGGREGATES[family] < 0 else "")
+        title = family.replace("_", " ") + ("\n(less is better)" if AGGREGATES[family] < 0 else "")
         ax.set(xlim=(-0.02, 1.02), title=title, xlabel="P(improvement)")
         ax.grid(True, axis="x", alpha=0.3)
     axes[0][0].set(yticks=np.arange(len(pairs)), yticklabels=[f"{a}  over  {b}" for a, b in pairs])
