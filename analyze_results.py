@@ -515,8 +515,19 @@ def compare_table(wide: pd.DataFrame, a: Group, b: Group, reps: int = BOOTSTRAP_
         common = x.columns.intersection(y.columns)
         if len(common) and len(x) and len(y):
             pair = [sign * x[common].to_numpy(), sign * y[common].to_numpy()]
-            rows.append((family, *interval_estimate(pair, rly_metrics.probability_of_improvement, reps), len(common)))
-    return pd.DataFrame(rows, columns=["metric", "probability", "ci_low", "ci_high", "tasks"])
+            point, low, high = interval_estimate(pair, rly_metrics.probability_of_improvement, reps)
+            rows.append((family, point, low, high, len(common), comparison_verdict(low, high)))
+    return pd.DataFrame(rows, columns=["metric", "probability", "ci_low", "ci_high", "tasks", "verdict"])
+
+
+def comparison_verdict(low: float, high: float) -> str:
+    """How a P(improvement) interval stands to chance: excludes 0.5, includes it, or is the point 0.5 (all
+    scores tied)."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "n/a"
+    if low == high == 0.5:
+        return "all scores tied"
+    return "CI includes 0.5" if low <= 0.5 <= high else "CI excludes 0.5"
 
 
 # ----------------------------------------------------------------- tables
@@ -793,6 +804,9 @@ def check_compare_labels(groups: list, pairs: list) -> None:
         fail(f"--compare: no group '{unknown[0]}'; groups: " + ", ".join(f"'{k}'" for k in known))
 
 
+COMPARE_COLORS = {"CI excludes 0.5": "tab:red", "CI includes 0.5": "tab:blue", "all scores tied": "0.6", "n/a": "0.9"}
+
+
 def plot_comparisons(compare: pd.DataFrame, path: str) -> None:
     """P(A improves on B) and its 95% CI: a row per pair, a panel per aggregate metric, chance (0.5) marked."""
     pairs = list(dict.fromkeys(zip(compare["group_a"], compare["group_b"])))
@@ -801,15 +815,19 @@ def plot_comparisons(compare: pd.DataFrame, path: str) -> None:
                              sharey=True, squeeze=False)
     for ax, family in zip(axes[0], families):
         rows = compare[compare["metric"] == family].set_index(["group_a", "group_b"]).reindex(pairs)
-        y = np.arange(len(pairs))
-        ax.errorbar(rows["probability"], y, xerr=[rows["probability"] - rows["ci_low"], rows["ci_high"] -
-                    rows["probability"]], fmt="o", color="0.15", ecolor="tab:blue", elinewidth=3, capsize=0)
+        for y, (p, low, high, verdict) in enumerate(rows[["probability", "ci_low", "ci_high", "verdict"]].to_numpy()):
+            color = COMPARE_COLORS[verdict]
+            ax.errorbar(p, y, xerr=[[p - low], [high - p]], fmt="o", color="0.15", mfc=color, ecolor=color,
+                        elinewidth=3, capsize=0)
         ax.axvline(0.5, color="0.5", linestyle="--", linewidth=0.9)
         title = family.replace("_", " ") + ("\n(less is better)" if AGGREGATES[family] < 0 else "")
         ax.set(xlim=(-0.02, 1.02), title=title, xlabel="P(improvement)")
         ax.grid(True, axis="x", alpha=0.3)
     axes[0][0].set(yticks=np.arange(len(pairs)), yticklabels=[f"{a}  over  {b}" for a, b in pairs])
     axes[0][0].invert_yaxis()
+    shown = [v for v in COMPARE_COLORS if v in set(compare["verdict"])]
+    handles = [plt.Line2D([], [], color=COMPARE_COLORS[v], marker="o", linewidth=3) for v in shown]
+    fig.legend(handles, shown, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=len(shown), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
@@ -823,7 +841,7 @@ def print_comparisons(groups: list, wide: pd.DataFrame, pairs: list, out: str, r
         table = compare_table(wide, by_label[a], by_label[b], reps)
         cells = [interval_cell(*row) for row in table[["probability", "ci_low", "ci_high"]].to_numpy()]
         print(f"\nP({a} improves on {b}) [95% CI], less forgetting is better:")
-        print(table[["metric", "tasks"]].assign(probability=cells).to_string(index=False))
+        print(table[["metric", "tasks"]].assign(probability=cells, verdict=table["verdict"]).to_string(index=False))
         tables.append(table.assign(group_a=a, group_b=b))
     compare, paths = pd.concat(tables, ignore_index=True), [os.path.join(out, f"compare.{e}") for e in ("csv", "png")]
     compare.to_csv(paths[0], index=False, na_rep="nan")

@@ -526,10 +526,14 @@ def test_compare_probability_of_improvement(tmp_path, capsys):
     for metric in ("final_return", "avg_performance"):
         assert [float(forward[metric][k]) for k in ("probability", "ci_low", "ci_high")] == [1.0, 1.0, 1.0]
         assert [float(backward[metric][k]) for k in ("probability", "ci_low", "ci_high")] == [0.0, 0.0, 0.0]
+    assert forward["final_return"]["verdict"] == backward["final_return"]["verdict"] == "CI excludes 0.5"
     assert float(forward["forgetting"]["probability"]) == 0.5  # a constant offset forgets the same
     groups = ar.group_runs(ar.load_runs(ar.expand_paths(runs)))
     equal = ar.compare_table(ar.run_tables(groups, [])[0], groups[1], groups[1])
     assert list(equal["probability"]) == [0.5] * 3  # final return, P(T), forgetting (no forward transfer)
+    assert list(equal["verdict"]) == ["CI includes 0.5"] * 2 + ["all scores tied"]  # every run forgets the same
+    assert [ar.comparison_verdict(*ci) for ci in ((0.4, 0.6), (0.5, 0.9), (0.51, 0.9), (0.0, 0.49))] == [
+        "CI includes 0.5", "CI includes 0.5", "CI excludes 0.5", "CI excludes 0.5"]
     with pytest.raises(SystemExit) as exc:
         ar.main(runs + ["--out", str(tmp_path / "q"), "--compare", good, "nope"])
     assert "no group 'nope'" in str(exc.value) and f"'{base}'" in str(exc.value)
@@ -852,16 +856,27 @@ def test_the_crl_ab_analysis_regenerates_from_the_committed_results_of_the_arms_
             assert runs.get(f"{domain} {arm}", 0) == count, (domain, arm)
             if count == 0 and arm != "llcd=False" and runs.get(f"{domain} llcd=False"):
                 assert f"no kept run of {domain} gate {arm.split('=')[-1]} yet" in done.stderr
-    assert_published_study_matches(pd.read_csv(tmp_path / "results_iqm.csv"))
+    assert_published_study_matches(tmp_path)
 
 
-def assert_published_study_matches(regenerated: pd.DataFrame) -> None:
-    """The committed copy of the study's IQM table (docs/results/crl_ab) and the README's table hold the IQMs
-    that the committed results give now: both go stale when a run is kept and the script is not rerun."""
+def assert_published_study_matches(out) -> None:
+    """The committed copies of the study's IQM table and P(improvement) (docs/results/crl_ab) and the README's
+    table hold what the committed results give now (regenerated into ``out``), and the README's count of
+    intervals that exclude chance is the committed compare.csv's: all go stale when a run is kept and the
+    script is not rerun. (Point estimates only: ``out`` has fewer bootstrap samples.)"""
+    published_compare = pd.read_csv(os.path.join(ROOT, "docs", "results", "crl_ab", "compare.csv"))
+    regenerated_compare = pd.read_csv(out / "compare.csv")
+    keys = ["group_a", "group_b", "metric", "tasks"]
+    assert published_compare[keys].equals(regenerated_compare[keys])
+    np.testing.assert_allclose(published_compare["probability"], regenerated_compare["probability"], rtol=1e-9)
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    excluding = (published_compare["verdict"] == "CI excludes 0.5").sum()
+    assert f"Of the {len(published_compare)} P(improvement) intervals (`compare.csv`), {excluding} exclude 0.5" \
+        in " ".join(readme.split()), excluding
+    regenerated = pd.read_csv(out / "results_iqm.csv")
     published = pd.read_csv(os.path.join(ROOT, "docs", "results", "crl_ab", "results_iqm.csv"))
     assert published[["group", "metric", "runs"]].equals(regenerated[["group", "metric", "runs"]])
     np.testing.assert_allclose(published["iqm"], regenerated["iqm"], rtol=1e-9)
-    readme = open(os.path.join(ROOT, "README.md")).read()
     for group, rows in regenerated.groupby("group", sort=False):
         line = next((l for l in readme.splitlines() if l.startswith(f"| {group} (n={rows['runs'].iloc[0]}) |")), None)
         assert line, f"README: no study table row for {group}"
