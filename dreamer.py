@@ -143,13 +143,14 @@ class Dreamer(nn.Module):
         kl = self.wm.latent_kl(post).float().masked_fill(is_first, math.nan)  # (N, T)
         return [(steps[t]["phase"], kl[:, t]) for t in range(ReferenceRing.WARMUP, len(steps))]
 
-    def initial_state(self, batch, device):
+    def initial_state(self, batch, device, reference=None):
+        """A policy state from scratch; ``reference``: a checkpointed ``ReferenceRing`` to carry on."""
         state = {"latent": self.wm.dynamics.initial(batch), "action": torch.zeros(batch, self.action_dim, device=device)}
         if self.wm.context is not None:
             state["context"] = self.wm.context.initial(batch, self.wm.encoder.out_dim, device)
             state["openloop"] = self.wm.initial_openloop(batch)
             state["phase"] = torch.zeros(batch, dtype=torch.long, device=device)
-            state["reference"] = ReferenceRing(self.paired_period) if self.paired_period else None
+            state["reference"] = reference or (ReferenceRing(self.paired_period) if self.paired_period else None)
         return state
 
     def train_step(self, batch, adapt=False):
@@ -272,6 +273,14 @@ class ReferenceRing:
         if not ring.pending and len(ring.steps) == ring.steps.maxlen:
             ring.pending.extend(rescore(list(ring.steps)[:self.WARMUP + self.BLOCK]))
         return ring
+
+    def state_dict(self):
+        """The ring as checkpoint data: its held steps and pending references, as held."""
+        return {"period": self.period, "steps": list(self.steps), "pending": list(self.pending)}
+
+    @classmethod
+    def from_state_dict(cls, state):
+        return cls(state["period"], state["steps"], state["pending"])
 
     def paired(self, live, phase):
         """This call's paired_kl (N,) from its live latent_kl_zmean (N,): NaN until a period is
@@ -426,7 +435,7 @@ class Run:
         if self.monitor:
             self.monitor.gate.trigger()  # the start of training is the first change (restore overrides)
         self.checkpoint_path = self.logdir / "latest.pt"
-        self.restored_eval, self.restored_rows = None, None
+        self.restored_eval, self.restored_rows, self.restored_reference = None, None, None
         if payload is not None:
             self.restore(payload)
         else:
@@ -496,7 +505,22 @@ class Run:
                 "nonfinite_updates": self.nonfinite_updates,
                 "eval_history": self.eval_history, "metrics_rows": self.logger.rows, "rng": tools.rng_states(),
                 "replay": self.replay.state_dict(), "config": self.config.to_dict(),
-                "llcd": self.monitor.state_dict() if self.monitor else None}
+                "llcd": self.monitor.state_dict() if self.monitor else None,
+                "paired_reference": self.train_reference()}
+
+    def train_reference(self):
+        """The train policy state's ``paired_kl`` ring as checkpoint data, or None (no LLCD, or no train call yet)."""
+        ring = self.driver.state.get("reference") if isinstance(self.driver.state, dict) else None
+        return ring.state_dict() if ring else None
+
+    def resumed_policy_state(self, batch):
+        """The first train policy state after a resume: from scratch (the envs restart their episodes) but
+        for the checkpointed ``paired_kl`` ring, so the score is not blind for a period after every resume;
+        None where there is no ring to carry on."""
+        ring, self.restored_reference = self.restored_reference, None
+        if ring is None or ring["period"] != self.agent.paired_period:
+            return None
+        return self.agent.initial_state(batch, self.config.device, ReferenceRing.from_state_dict(ring))
 
     def restore(self, payload):
         load_agent(self.agent, payload, self.checkpoint_path, "pass another --logdir", optimizers=True)
@@ -512,6 +536,7 @@ class Run:
         self.replay.load_state_dict(payload["replay"])
         if self.monitor:
             self.monitor.load_state_dict(payload["llcd"])
+        self.restored_reference = payload.get("paired_reference")  # absent in older checkpoints
         print(f"Resumed from {self.checkpoint_path} at env step {self.env_step} ({self.updates} updates, "
               f"{self.replay.num_chunks} replay chunks on disk).", flush=True)
 
@@ -559,6 +584,8 @@ class Run:
         progress.mark_updates(self.updates)
 
         def policy(obs, state):
+            if state is None:
+                state = self.resumed_policy_state(len(obs["is_first"]))
             explore = not cfg.expl_until or self.agent_step < cfg.expl_until // cfg.action_repeat
             actions, state = self.agent.policy(obs, state, "train", explore)
             if self.monitor and self.monitor.observe(state["surprise"], self.agent_step):

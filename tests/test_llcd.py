@@ -657,6 +657,13 @@ def test_llcd_run_logs_score_gate_probe_and_resumes_the_detector(tmp_path, monke
             assert len(recorded[name]) == 200 and np.isfinite(recorded[name]).mean() > 0.9 / every
         phase = recorded["phase"]  # episodes of 100 agent steps: +1 per call, or back to 0 at a new episode
         assert ((np.diff(phase) == 1) | (phase[1:] == 0)).all() and phase.max() <= 99 and (phase == 0).sum() >= 2
+        # the paired_kl ring is checkpointed: the resumed run scores from one period (plus the re-filter's
+        # warm-up) after training began, as an uninterrupted run does, not from one period after the resume
+        ring = saved["paired_reference"]
+        assert (saved["agent_step"] - 100) % ring["period"] == 0  # saved at an episode start: phases carry on
+        scored = recorded["step"] >= 100 + ring["period"] + dreamer.ReferenceRing.WARMUP
+        assert recorded["step"][scored].max() >= saved["agent_step"] + ring["period"] - 20  # resumed calls among them
+        assert np.isfinite(recorded["paired_kl"][scored]).mean() > 0.9
 
 
 def llcd_detections(logdirs):
