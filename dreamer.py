@@ -101,11 +101,12 @@ class Dreamer(nn.Module):
         if z is not None:
             new_state.update(context=context, z=mean.float().cpu().numpy())
         if z is not None and mode == "train":  # the surprise scores feed the detector: training steps only
-            new_state.update(self.surprise(latent, data, state, embed, z, mean))
+            new_state.update(self.surprise(latent, data, state, embed, z, mean, obs))
         return action.cpu().numpy(), new_state
 
-    def surprise(self, latent, data, state, embed, z, z_mean):
-        """LLCD candidate scores of a training step: {openloop, phase, surprise {name: (N,) array}}.
+    def surprise(self, latent, data, state, embed, z, z_mean, obs):
+        """LLCD candidate scores of a training step: {openloop, phase, reference, surprise {name: (N,) array}}.
+        ``obs``: the step's observations as observed (``data`` preprocessed), which the ring keeps.
         ``latent_kl_zmean`` is latent_kl of the step taken again with the context at its mean
         instead of the sampled z (one noise source less); ``phase`` (N,) counts each env's steps
         since its episode started, and ``surprise["phase"]`` is it as floats."""
@@ -119,8 +120,8 @@ class Dreamer(nn.Module):
                                                                      z, data)
         phase = torch.where(data["is_first"].bool(), 0, state["phase"] + 1)  # (N,)
         scores["phase"] = phase.float()
-        step = {"data": {key: value for key, value in data.items() if key != "reward"}, "action": state["action"],
-                "z": z_mean, "phase": phase}
+        observed = {key: torch.as_tensor(obs[key]).clone() for key in ("state", "image", "is_first") if key in obs}
+        step = {"data": observed, "action": state["action"], "z": z_mean, "phase": phase}
         reference = state["reference"].advance(step, self.rescore) if state["reference"] else None
         scores["paired_kl"] = reference.paired(scores["latent_kl_zmean"], phase) if reference else \
             torch.full_like(phase, math.nan, dtype=torch.float32)
@@ -132,7 +133,8 @@ class Dreamer(nn.Module):
         current world model: a posterior filter from the initial state over the ``WARMUP``
         steps before the block (episode starts inside still reset it), with the actions and
         context means used live. -> [(phase (N,), latent_kl (N,))] for the block's steps."""
-        data = {key: torch.stack([step["data"][key] for step in steps], 1) for key in steps[0]["data"]}  # (N, T, ...)
+        data = self.wm.preprocess({key: torch.stack([step["data"][key] for step in steps], 1)
+                                   for key in steps[0]["data"]})  # (N, T, ...)
         action = torch.stack([step["action"] for step in steps], 1)  # (N, T, A)
         z = torch.stack([step["z"] for step in steps], 1)  # (N, T, Z)
         is_first = data["is_first"].bool().clone()  # (N, T)
@@ -249,8 +251,9 @@ def paired_period(config):
 
 class ReferenceRing:
     """The live steps the ``paired_kl`` score needs: what the last ``period + WARMUP + 1`` policy
-    calls fed the world model (encoder inputs, the action before, the context mean, the phase),
-    and the reference latent_kl of the steps one ``period`` before the coming calls.
+    calls fed the world model (the observations as observed, images in uint8; the action before,
+    the context mean, the phase), and the reference latent_kl of the steps one ``period`` before the
+    coming calls.
 
     paired_kl = latent_kl_zmean of a live step minus that of the step one period earlier at the
     same episode phase, both taken by the current model. The model's own learning and the

@@ -1,5 +1,5 @@
 """Helpers shared by the tests that run the agent: run dreamer.main quietly, read what
-a run wrote, and crash a run at a chosen agent step."""
+a run wrote, crash a run at a chosen agent step, and tell whether pixels can be rendered."""
 
 import contextlib
 import io
@@ -64,3 +64,14 @@ def crash_training_at(monkeypatch, args, agent_step):
     with pytest.raises(Stop):
         run_main(args)
     monkeypatch.setattr(dreamer.Run, "train_due_updates", original)
+
+
+def egl_available():
+    """(True, "") where MuJoCo renders 64x64 pixels here, else (False, why)."""
+    try:
+        from envs import dmc
+
+        env = dmc.DeepMindControl("cartpole_balance", 1, (64, 64), None, 0, pixels=True)
+        return env.reset()["image"].shape == (64, 64, 3), ""
+    except Exception as error:  # noqa: BLE001 - any rendering failure means: no EGL here
+        return False, f"{type(error).__name__}: {error}"

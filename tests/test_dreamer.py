@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 import dreamer  # noqa: E402
 import tools  # noqa: E402
 from envs import wrappers  # noqa: E402
-from runs import chunk_files, read_rows, replay_steps, run_main  # noqa: E402
+from runs import chunk_files, egl_available, read_rows, replay_steps, run_main  # noqa: E402
 
 BASE = ["--configs", "debug", "--task", "dmc_cartpole_balance", "--train_ratio", "16", "--device", "cpu",
         "--threads", "1"]
@@ -240,16 +240,6 @@ def test_parallel_envs_run(tmp_path):
     assert len({tools.chunk_position(path.stem)[0] for path in files}) == 2  # one stream per env
     assert all(len(steps["reward"]) == EPISODE_STEPS + 1 - 64 for steps in payload["replay"]["open"].values())
     assert any("eval_return" in row for row in read_rows(logdir))
-
-
-def egl_available():
-    try:
-        from envs import dmc
-
-        env = dmc.DeepMindControl("cartpole_balance", 1, (64, 64), None, 0, pixels=True)
-        return env.reset()["image"].shape == (64, 64, 3), ""
-    except Exception as error:  # noqa: BLE001 - any rendering failure means: no EGL here
-        return False, f"{type(error).__name__}: {error}"
 
 
 def test_pixel_run_stores_images(tmp_path):

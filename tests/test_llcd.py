@@ -20,7 +20,7 @@ import dreamer  # noqa: E402
 import models  # noqa: E402
 import networks  # noqa: E402
 import tools  # noqa: E402
-from runs import crash_training_at, read_rows, run_main  # noqa: E402
+from runs import crash_training_at, egl_available, read_rows, run_main  # noqa: E402
 from test_models import ACTION_DIM, OBS_DIM, params_vector, random_batch  # noqa: E402
 
 EMBED, K, UNITS, Z = 6, 4, 16, 3
@@ -664,6 +664,40 @@ def test_llcd_run_logs_score_gate_probe_and_resumes_the_detector(tmp_path, monke
         scored = recorded["step"] >= 100 + ring["period"] + dreamer.ReferenceRing.WARMUP
         assert recorded["step"][scored].max() >= saved["agent_step"] + ring["period"] - 20  # resumed calls among them
         assert np.isfinite(recorded["paired_kl"][scored]).mean() > 0.9
+
+
+def test_the_paired_kl_refilter_sees_the_images_the_live_steps_saw_and_checkpoints_them_in_uint8(tmp_path,
+                                                                                                monkeypatch):
+    """A debug pixel LLCD run: every window of ring steps that ``Dreamer.rescore`` re-filters feeds the
+    encoder exactly the images that consecutive live policy calls fed it (the ring keeps the
+    observations as observed and preprocesses them as the live step did), and the checkpointed ring
+    holds them in uint8 (a quarter of float32)."""
+    ok, reason = egl_available()
+    if not ok:
+        pytest.skip(f"MuJoCo EGL rendering unavailable ({reason})")
+    window = dreamer.ReferenceRing.WARMUP + dreamer.ReferenceRing.BLOCK
+    live, refiltered = [], []
+    surprise, encode = dreamer.Dreamer.surprise, networks.MultiEncoder.forward
+
+    def record_live(self, latent, data, *args):
+        live.append(data["image"][0].clone())  # (H, W, C) of the one train env
+        return surprise(self, latent, data, *args)
+
+    def record_refilter(self, data):
+        if data["image"].shape[:2] == (1, window):  # 1 env x a re-filtered window (training: 4 x 16)
+            refiltered.append(data["image"][0].clone())  # (T, H, W, C)
+        return encode(self, data)
+
+    monkeypatch.setattr(dreamer.Dreamer, "surprise", record_live)
+    monkeypatch.setattr(networks.MultiEncoder, "forward", record_refilter)
+    run_main(["--configs", "debug", "--task", "dmc_cartpole_balance", "--pixels", "True", "--llcd", "True",
+              "--steps", "600", "--device", "cpu", "--logdir", str(tmp_path)])
+    live = torch.stack(live)  # (calls, H, W, C)
+    assert len(refiltered) >= 4  # 200 calls: a window every 16 calls from call 117 on
+    for images in refiltered:
+        assert any(torch.equal(live[k:k + window], images) for k in range(len(live) - window + 1))
+    ring = tools.load_checkpoint(tmp_path / "latest.pt", "cpu")["paired_reference"]
+    assert ring["steps"][-1]["data"]["image"].dtype == torch.uint8
 
 
 def llcd_detections(logdirs):
