@@ -438,7 +438,7 @@ class Run:
         if self.monitor:
             self.monitor.gate.trigger()  # the start of training is the first change (restore overrides)
         self.checkpoint_path = self.logdir / "latest.pt"
-        self.restored_eval, self.restored_rows, self.restored_reference = None, None, None
+        self.restored_eval, self.restored_rows = None, None
         if payload is not None:
             self.restore(payload)
         else:
@@ -447,6 +447,8 @@ class Run:
         self.logger = tools.Logger(self.logdir, self.env_step, self.restored_rows, exclude_from_jsonl=wall_clock)
         self.metrics, self.episode_stats = {}, []
         self.driver = tools.Driver(self.train_envs, self.replay, before_reset=self.apply_pending_task)
+        if payload is not None:
+            self.driver.state = self.resumed_policy_state(payload.get("paired_reference"))  # absent in older ones
         self.blend = None  # (previous task, task, fraction) the train envs run during a ramp
         if self.schedule.active:
             self.task = self.schedule.window_at(self.agent_step).task
@@ -516,14 +518,13 @@ class Run:
         ring = self.driver.state.get("reference") if isinstance(self.driver.state, dict) else None
         return ring.state_dict() if ring else None
 
-    def resumed_policy_state(self, batch):
-        """The first train policy state after a resume: from scratch (the envs restart their episodes) but
-        for the checkpointed ``paired_kl`` ring, so the score is not blind for a period after every resume;
-        None where there is no ring to carry on."""
-        ring, self.restored_reference = self.restored_reference, None
+    def resumed_policy_state(self, ring):
+        """The train policy state a resumed run starts from: from scratch (the envs restart their episodes)
+        but for the checkpointed ``paired_kl`` ring, so the score is not blind for a period after every
+        resume; None (the agent starts its own) without a ring of this run's period."""
         if ring is None or ring["period"] != self.agent.paired_period:
             return None
-        return self.agent.initial_state(batch, self.config.device, ReferenceRing.from_state_dict(ring))
+        return self.agent.initial_state(len(self.train_envs), self.config.device, ReferenceRing.from_state_dict(ring))
 
     def restore(self, payload):
         load_agent(self.agent, payload, self.checkpoint_path, "pass another --logdir", optimizers=True)
@@ -539,7 +540,6 @@ class Run:
         self.replay.load_state_dict(payload["replay"])
         if self.monitor:
             self.monitor.load_state_dict(payload["llcd"])
-        self.restored_reference = payload.get("paired_reference")  # absent in older checkpoints
         print(f"Resumed from {self.checkpoint_path} at env step {self.env_step} ({self.updates} updates, "
               f"{self.replay.num_chunks} replay chunks on disk).", flush=True)
 
@@ -587,8 +587,6 @@ class Run:
         progress.mark_updates(self.updates)
 
         def policy(obs, state):
-            if state is None:
-                state = self.resumed_policy_state(len(obs["is_first"]))
             explore = not cfg.expl_until or self.agent_step < cfg.expl_until // cfg.action_repeat
             actions, state = self.agent.policy(obs, state, "train", explore)
             if self.monitor and self.monitor.observe(state["surprise"], self.agent_step):
